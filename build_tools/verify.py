@@ -1,0 +1,242 @@
+"""Fidelity check: the eager PyTorch model and a compiled engine on the same images.
+
+Both run on identical preprocessed inputs; their detections are compared per image after the
+same host postprocess the service uses:
+
+- ``box_match_rate``: fraction of reference detections whose same-class engine match (greedy by
+  score, IoU >= ``match_iou``) has box IoU >= 0.99;
+- ``label_agreement``: fraction of reference detections whose highest-IoU engine detection has the
+  same class;
+- ``score_abs_diff`` mean/max over matched pairs; ``mask_iou`` mean/min over matched pairs (full
+  resolution, pasted masks);
+- ``box_ap`` / ``mask_ap``: COCO AP (and AP50) of the engine's detections scored against the
+  reference's own detections taken as ground truth (1.0 = the engine reproduces the reference).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from build_tools.model import MaskRCNN
+from service.backends import Engine
+from service.postprocess import ImageDetections, postprocess_image
+from service.preprocess import InputSpec, PreparedImage, pad_batch, prepare_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria of one precision. fp32 must reproduce eager PyTorch almost exactly; the
+    lower precisions are judged by AP against the reference's detections."""
+
+    min_box_match_rate: float
+    min_label_agreement: float
+    min_mask_iou: float
+    min_box_ap: float
+    min_mask_ap: float
+
+    @staticmethod
+    def for_precision(precision: str) -> "Tolerance":
+        if precision == "fp32":
+            return Tolerance(0.99, 0.99, 0.95, 0.95, 0.95)
+        # int8 / fp16 / bf16: measured on the demo model (see README, "Precision"), with margin
+        return Tolerance(0.0, 0.0, 0.0, 0.5, 0.45)
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths[:limit] if limit else paths
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """RGB uint8 [h, w, 3] of an image file."""
+    import cv2
+
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot decode image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def batches(prepared: Sequence[PreparedImage], batch_size: int, divisor: int):
+    """Yield (slice of prepared images, images [B,3,H,W], image_sizes [B,2]) with B = batch_size."""
+    for start in range(0, len(prepared), batch_size):
+        chunk = prepared[start:start + batch_size]
+        images, sizes = pad_batch(chunk, divisor, batch_size=batch_size)
+        yield chunk, images, sizes
+
+
+def run_eager(model: MaskRCNN, images: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        dets, labels, masks = model(torch.from_numpy(images), torch.from_numpy(sizes))
+    return {"dets": dets.numpy(), "labels": labels.numpy(), "masks": masks.numpy()}
+
+
+def to_detections(outputs: dict[str, np.ndarray], i: int, item: PreparedImage, mask_threshold: float) -> ImageDetections:
+    return postprocess_image(
+        outputs["dets"][i], outputs["labels"][i], outputs["masks"][i], item.scale_factor, item.orig_hw,
+        score_threshold=0.0, mask_threshold=mask_threshold,
+    )
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix [len(a), len(b)] of xyxy boxes."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.float64)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = (a[:, 2:] - a[:, :2]).clip(0).prod(axis=1)
+    area_b = (b[:, 2:] - b[:, :2]).clip(0).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+@dataclass
+class ImageComparison:
+    reference_count: int
+    matched_high_iou: int
+    label_agree: int
+    score_diffs: list[float]
+    mask_ious: list[float]
+
+
+def compare_image(ref: ImageDetections, eng: ImageDetections, match_iou: float = 0.5) -> ImageComparison:
+    iou = _box_iou(ref.boxes.astype(np.float64), eng.boxes.astype(np.float64))
+    label_agree = int(sum(1 for r in range(len(ref.labels)) if iou.shape[1] and ref.labels[r] == eng.labels[iou[r].argmax()]))
+    taken = np.zeros(len(eng.labels), dtype=bool)
+    matched_high, score_diffs, mask_ious = 0, [], []
+    for r in np.argsort(-ref.scores, kind="stable"):
+        candidates = np.where((eng.labels == ref.labels[r]) & ~taken)[0]
+        if len(candidates) == 0:
+            continue
+        best = candidates[iou[r, candidates].argmax()]
+        if iou[r, best] < match_iou:
+            continue
+        taken[best] = True
+        matched_high += iou[r, best] >= 0.99
+        score_diffs.append(abs(float(ref.scores[r]) - float(eng.scores[best])))
+        if ref.rles is not None and eng.rles is not None:
+            mask_ious.append(float(mask_utils.iou([eng.rles[best]], [ref.rles[r]], [0])[0, 0]))
+    return ImageComparison(len(ref.labels), int(matched_high), label_agree, score_diffs, mask_ious)
+
+
+def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections]) -> dict[str, float]:
+    """COCO AP / AP50 of the engine's detections with the reference's detections as ground truth."""
+    images, annotations, results = [], [], []
+    categories = sorted({int(c) for d in refs for c in d.labels} | {int(c) for d in engs for c in d.labels})
+    for image_id, (ref, eng) in enumerate(zip(refs, engs), start=1):
+        h, w = ref.rles[0]["size"] if ref.rles else (eng.rles[0]["size"] if eng.rles else (1, 1))
+        images.append({"id": image_id, "height": int(h), "width": int(w)})
+        for box, label, rle in zip(ref.boxes, ref.labels, ref.rles or []):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float(mask_utils.area(rle)),
+                "segmentation": rle, "iscrowd": 0,
+            })
+        for box, score, label, rle in zip(eng.boxes, eng.scores, eng.labels, eng.rles or []):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            results.append({"image_id": image_id, "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                            "score": float(score), "segmentation": rle})
+    if not annotations:
+        return {"box_ap": float("nan"), "box_ap50": float("nan"), "mask_ap": float("nan"), "mask_ap50": float("nan")}
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in categories]}
+        gt.createIndex()
+        dt = gt.loadRes(results) if results else None
+        for iou_type, key in (("bbox", "box"), ("segm", "mask")):
+            if dt is None:
+                out[f"{key}_ap"], out[f"{key}_ap50"] = 0.0, 0.0
+                continue
+            evaluator = COCOeval(gt, dt, iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            out[f"{key}_ap"], out[f"{key}_ap50"] = float(evaluator.stats[0]), float(evaluator.stats[1])
+    return out
+
+
+def verify(
+    model: MaskRCNN,
+    engine: Engine,
+    image_paths: Sequence[str | Path],
+    spec: InputSpec,
+    *,
+    mask_threshold: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Run reference and engine on ``image_paths``; return the parity report (a JSON-able dict)."""
+    prepared = [prepare_image(read_rgb(p), spec) for p in image_paths]
+    batch_size = engine.batch_size or 1
+    refs, engs = [], []
+    eager_s = engine_s = 0.0
+    bar = tqdm(total=len(prepared), desc="verify", unit="img", disable=not progress)
+    for chunk, images, sizes in batches(prepared, batch_size, spec.pad_divisor):
+        t0 = time.perf_counter()
+        ref_out = run_eager(model, images, sizes)
+        t1 = time.perf_counter()
+        eng_out = engine.infer(images, sizes)
+        t2 = time.perf_counter()
+        eager_s, engine_s = eager_s + t1 - t0, engine_s + t2 - t1
+        for i, item in enumerate(chunk):
+            refs.append(to_detections(ref_out, i, item, mask_threshold))
+            engs.append(to_detections(eng_out, i, item, mask_threshold))
+        bar.update(len(chunk))
+    bar.close()
+
+    comparisons = [compare_image(r, e) for r, e in zip(refs, engs)]
+    total = sum(c.reference_count for c in comparisons)
+    scores = [d for c in comparisons for d in c.score_diffs]
+    ious = [v for c in comparisons for v in c.mask_ious]
+    report = {
+        "images": [str(Path(p).name) for p in image_paths],
+        "reference_detections": total,
+        "engine_detections": int(sum(len(e.labels) for e in engs)),
+        "box_match_rate": (sum(c.matched_high_iou for c in comparisons) / total) if total else 1.0,
+        "label_agreement": (sum(c.label_agree for c in comparisons) / total) if total else 1.0,
+        "score_abs_diff_mean": float(np.mean(scores)) if scores else 0.0,
+        "score_abs_diff_max": float(np.max(scores)) if scores else 0.0,
+        "mask_iou_mean": float(np.mean(ious)) if ious else 1.0,
+        "mask_iou_min": float(np.min(ious)) if ious else 1.0,
+        **ap_against_reference(refs, engs),
+        "eager_seconds_per_image": eager_s / max(len(prepared), 1),
+        "engine_seconds_per_image": engine_s / max(len(prepared), 1),
+    }
+    return report
+
+
+def check_tolerance(report: dict, tolerance: Tolerance) -> list[str]:
+    """Human-readable failures of ``report`` against ``tolerance`` (empty when it passes)."""
+    checks = [
+        ("box_match_rate", tolerance.min_box_match_rate),
+        ("label_agreement", tolerance.min_label_agreement),
+        ("mask_iou_mean", tolerance.min_mask_iou),
+        ("box_ap", tolerance.min_box_ap),
+        ("mask_ap", tolerance.min_mask_ap),
+    ]
+    return [f"{name} {report[name]:.4f} < {minimum}" for name, minimum in checks if not report[name] >= minimum]
+
+
+def tolerance_dict(tolerance: Tolerance) -> dict:
+    return asdict(tolerance)

@@ -1,0 +1,46 @@
+"""Engine backends behind one registry.
+
+Each backend is one module here exposing ``NAME``, ``PRECISIONS``, ``available()``, ``compile()``
+and ``load()`` (see ``base.Backend``). Callers go through ``get_backend(name)`` and
+``load_engine(artifact_dir)``; nothing outside this package branches on a backend's name.
+Backend libraries are imported inside the modules' functions, so a missing library only makes
+its backend unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from service.backends.base import Backend, BackendUnavailable, Engine, canonical_precision
+from service.manifest import Manifest
+
+# registry name -> module implementing it
+_MODULES = {
+    "onnxruntime": "service.backends.onnxruntime",
+}
+
+
+def backend_names() -> list[str]:
+    return list(_MODULES)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _MODULES:
+        raise BackendUnavailable(f"unknown backend {name!r}; known backends: {', '.join(_MODULES)}")
+    return importlib.import_module(_MODULES[name])  # type: ignore[return-value]
+
+
+def load_engine(artifact_dir: str | Path, threads: int | None = None) -> Engine:
+    """Open the artifact in ``artifact_dir`` with the backend its manifest names."""
+    manifest = Manifest.load(artifact_dir)
+    backend = get_backend(manifest.backend)
+    ok, reason = backend.available()
+    if not ok:
+        raise BackendUnavailable(f"backend {manifest.backend!r} is not available here: {reason}")
+    return backend.load(Path(artifact_dir), manifest, threads=threads)
+
+
+__all__ = [
+    "Backend", "BackendUnavailable", "Engine", "backend_names", "canonical_precision", "get_backend", "load_engine",
+]

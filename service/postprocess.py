@@ -1,0 +1,387 @@
+"""Host postprocess: engine outputs of one image -> detections in original-image pixels.
+
+Input is one image's slice of the graph outputs (docs/architecture.md): ``dets`` float32
+``[N, 5]`` (``x1, y1, x2, y2, score`` in resized-input pixels), ``labels`` int64 ``[N]`` (-1 marks
+a padding row) and ``masks`` float32 ``[N, Mh, Mw]`` (mask probabilities in the box frame,
+Mh = Mw = 28). Steps: :func:`select_valid` -> :func:`rescale_boxes` -> :func:`encode_rle`, or all
+at once with :func:`postprocess_image`.
+
+Mask pasting has mmdet's ``_do_paste_mask`` semantics (CPU path, one box at a time) followed by
+``>= threshold``: for a box ``(x0, y0, x1, y1)`` only pixels in ``[max(floor(x0) - 1, 0),
+min(ceil(x1) + 1, W))`` (same for y) are touched; pixel ``x`` samples mask column
+``u = (x + 0.5 - x0) / (x1 - x0) * Mw - 0.5`` (``grid_sample``, ``align_corners=False``), rows the
+same way, bilinearly with zeros outside the ``Mh x Mw`` mask.
+
+How it is computed: bilinear sampling is separable, and along one image column the sampled value
+is a piecewise-linear function of the mask row coordinate whose knots are the mask rows
+(horizontally interpolated at that column, plus a zero knot beyond each end). Its ``>= threshold``
+set is therefore a few intervals whose ends are found exactly from the knots, so each column
+yields its runs of set pixels directly: the cost is O(columns x Mh) per box rather than
+O(pixels x Mh), and COCO RLE (column-major runs) comes straight from those runs without ever
+building a full-image mask. The result equals thresholding float32 ``grid_sample`` output except
+where that value lies within float32 rounding (~1e-6) of the threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from pycocotools import mask as coco_mask
+
+
+class InvalidDetectionsError(ValueError):
+    """Engine outputs or postprocess settings that break the output contract."""
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    """One image's detections, sorted by score, descending.
+
+    Attributes:
+        boxes: float32 ``[K, 4]``, ``x1, y1, x2, y2`` in original-image pixels, clipped to the image.
+        scores: float32 ``[K]``.
+        labels: int64 ``[K]``, class index (the manifest's ``classes[i].index``).
+        rles: K COCO RLEs ``{"size": [h0, w0], "counts": str}`` of the pasted masks, or None when
+            masks were not requested.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    rles: list[dict] | None
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """A pasted mask stored as the region mmdet samples for its box; outside it the mask is False.
+
+    Attributes:
+        top: first image row of the region.
+        left: first image column of the region.
+        mask: bool ``[h, w]`` (Fortran-ordered): image pixels ``[top:top + h, left:left + w]``.
+    """
+
+    top: int
+    left: int
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class _MaskRuns:
+    """Vertical runs of set pixels of K pasted masks, sorted by (box, x, y_start), disjoint.
+
+    All int64 ``[R]``: ``box`` (index into the K masks), ``x`` (image column), and the run's image
+    rows ``[y_start, y_end)``.
+    """
+
+    box: np.ndarray
+    x: np.ndarray
+    y_start: np.ndarray
+    y_end: np.ndarray
+
+
+def select_valid(
+    dets: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    score_threshold: float = 0.0,
+    max_detections: int | None = None,
+    keep_classes: Iterable[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep real detections (``label >= 0``) scoring ``>= score_threshold``, best first.
+
+    Args:
+        dets: float32 ``[N, 5]``, ``x1, y1, x2, y2, score``.
+        labels: int64 ``[N]``, -1 for padding rows.
+        masks: float32 ``[N, Mh, Mw]``.
+        score_threshold: minimum score, compared in float32.
+        max_detections: keep at most this many (the highest scoring), or None for all.
+        keep_classes: class indices to keep, or None for all.
+
+    Returns:
+        ``(dets [K, 5], labels [K], masks [K, Mh, Mw])``, sorted by score descending (stable, so
+        equal scores keep the engine's order).
+
+    Raises:
+        InvalidDetectionsError: shapes that do not match each other or the contract.
+    """
+    _check_detections(dets, labels, masks)
+    scores = dets[:, 4]
+    keep = (labels >= 0) & (scores >= scores.dtype.type(score_threshold))
+    if keep_classes is not None:
+        keep &= np.isin(labels, np.fromiter(keep_classes, np.int64))
+    index = np.flatnonzero(keep)
+    index = index[np.argsort(-scores[index], kind="stable")]
+    if max_detections is not None:
+        index = index[:max_detections]
+    return dets[index], labels[index], masks[index]
+
+
+def rescale_boxes(
+    boxes: np.ndarray, scale_factor: tuple[float, float], orig_hw: tuple[int, int]
+) -> np.ndarray:
+    """Map boxes from resized-input pixels to original-image pixels.
+
+    Args:
+        boxes: ``[K, 4]`` ``x1, y1, x2, y2`` in resized-input pixels.
+        scale_factor: ``(w_scale, h_scale)`` with resized = original * scale
+            (``PreparedImage.scale_factor``).
+        orig_hw: ``(h0, w0)`` of the original image.
+
+    Returns:
+        float32 ``[K, 4]``: x divided by ``w_scale`` and clipped to ``[0, w0]``, y divided by
+        ``h_scale`` and clipped to ``[0, h0]`` (the division in float32, as mmdet does).
+
+    Raises:
+        InvalidDetectionsError: boxes not ``[K, 4]``, or a scale factor that is not positive.
+    """
+    boxes = np.asarray(boxes)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise InvalidDetectionsError(f"boxes must be [K, 4], got {list(boxes.shape)}")
+    w_scale, h_scale = scale_factor
+    if not (w_scale > 0 and h_scale > 0):
+        raise InvalidDetectionsError(f"scale factors must be > 0, got {scale_factor}")
+    out = boxes.astype(np.float32) / np.array([w_scale, h_scale, w_scale, h_scale], np.float32)
+    h0, w0 = orig_hw
+    np.clip(out[:, 0::2], 0, w0, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, h0, out=out[:, 1::2])
+    return out
+
+
+def paste_masks(
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+) -> np.ndarray:
+    """Paste box-frame mask probabilities into full-image binary masks (mmdet semantics).
+
+    Args:
+        masks: float ``[K, Mh, Mw]`` mask probabilities in the box frame.
+        boxes: float ``[K, 4]`` ``x1, y1, x2, y2`` in pixels of the target image; may reach outside it.
+        image_hw: ``(H, W)`` of the target image.
+        threshold: a pixel is set where the sampled value is ``>= float32(threshold)``; must be > 0.
+            Boxes with ``x2 <= x1`` or ``y2 <= y1`` paste nothing (mmdet would divide by zero).
+
+    Returns:
+        bool ``[K, H, W]``. For memory, prefer :func:`paste_mask_crops` or :func:`encode_rle`.
+
+    Raises:
+        InvalidDetectionsError: bad shapes, non-finite boxes, or ``threshold <= 0``.
+    """
+    h, w = image_hw
+    full = np.zeros((len(boxes), h, w), bool)
+    for k, crop in enumerate(paste_mask_crops(masks, boxes, image_hw, threshold)):
+        ch, cw = crop.mask.shape
+        full[k, crop.top : crop.top + ch, crop.left : crop.left + cw] = crop.mask
+    return full
+
+
+def paste_mask_crops(
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+) -> list[MaskCrop]:
+    """:func:`paste_masks`, but each mask kept as the crop of the region its box touches.
+
+    Arguments and errors as :func:`paste_masks`. Returns K crops; a degenerate box or one outside
+    the image gives an empty ``[0, w]`` or ``[h, 0]`` crop.
+    """
+    runs = _mask_runs(masks, boxes, image_hw, threshold)
+    top, bottom, left, right = _paste_regions(np.asarray(boxes, np.float64), image_hw)
+    crop_h, crop_w = bottom - top, right - left
+    crop_area = crop_h * crop_w
+    crop_offset = np.cumsum(crop_area) - crop_area
+    # Column-major index of each run's ends inside the concatenated crops; a +1 at every start
+    # and -1 at every end, accumulated, is the mask. Starts are unique and so are ends.
+    b = runs.box
+    column_base = crop_offset[b] + (runs.x - left[b]) * crop_h[b] - top[b]
+    delta = np.zeros(int(crop_area.sum()) + 1, np.int8)
+    delta[column_base + runs.y_start] = 1
+    delta[column_base + runs.y_end] -= 1
+    filled = np.cumsum(delta[:-1], dtype=np.int8).view(bool)
+    return [
+        MaskCrop(
+            top=int(top[k]),
+            left=int(left[k]),
+            mask=filled[crop_offset[k] : crop_offset[k] + crop_area[k]].reshape(crop_w[k], crop_h[k]).T,
+        )
+        for k in range(len(crop_area))
+    ]
+
+
+def encode_rle(
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+) -> list[dict]:
+    """Paste masks as :func:`paste_masks` does and encode each as COCO RLE of the full image.
+
+    Arguments and errors as :func:`paste_masks`.
+
+    Returns:
+        K dicts ``{"size": [H, W], "counts": str}``, byte-identical to
+        ``pycocotools.mask.encode(np.asfortranarray(paste_masks(...)[k].astype(np.uint8)))``
+        with counts decoded to str. The runs come from the pasting directly; no full mask is built.
+    """
+    h, w = image_hw
+    k = len(boxes)
+    runs = _mask_runs(masks, boxes, image_hw, threshold)
+    # Column-major pixel index of every run start and end, interleaved: the mask's transitions.
+    transitions = np.empty(2 * len(runs.box), np.int64)
+    transitions[0::2] = runs.x * h + runs.y_start
+    transitions[1::2] = runs.x * h + runs.y_end
+    transition_box = np.repeat(runs.box, 2)
+    # A run ending where the next one starts (across rows of one column, or across columns when
+    # the region spans the image height) is a single run.
+    touching = (transitions[1:] == transitions[:-1]) & (transition_box[1:] == transition_box[:-1])
+    keep = transitions != h * w  # pycocotools' counts do not close a run at the mask's end
+    keep[1:] &= ~touching
+    keep[:-1] &= ~touching
+    transitions, transition_box = transitions[keep], transition_box[keep]
+    # Per box the sequence 0, transitions..., H*W; its differences are the RLE counts.
+    per_box = np.bincount(transition_box, minlength=k)
+    sequence_start = np.cumsum(per_box + 2) - (per_box + 2)
+    sequence = np.empty(int(per_box.sum()) + 2 * k, np.int64)
+    sequence[sequence_start] = 0
+    sequence[sequence_start + per_box + 1] = h * w
+    sequence[np.arange(len(transitions)) + 2 * transition_box + 1] = transitions
+    counts = np.diff(sequence)
+    uncompressed = [
+        {"size": [h, w], "counts": counts[s : s + n + 1]} for s, n in zip(sequence_start, per_box)
+    ]
+    if not uncompressed:
+        return []
+    # pycocotools' own C encoder turns counts into its LEB128-like string.
+    return [
+        {"size": [h, w], "counts": rle["counts"].decode("ascii")}
+        for rle in coco_mask.frPyObjects(uncompressed, h, w)
+    ]
+
+
+def postprocess_image(
+    dets: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    scale_factor: tuple[float, float],
+    orig_hw: tuple[int, int],
+    score_threshold: float,
+    mask_threshold: float,
+    max_detections: int | None = None,
+    keep_classes: Iterable[int] | None = None,
+    with_masks: bool = True,
+) -> ImageDetections:
+    """One image's engine outputs -> detections in original-image pixels.
+
+    Args:
+        dets, labels, masks: the image's rows of the graph outputs (see module docstring).
+        scale_factor: ``(w_scale, h_scale)`` of the image's preprocessing.
+        orig_hw: ``(h0, w0)`` of the original image.
+        score_threshold, max_detections, keep_classes: as :func:`select_valid`.
+        mask_threshold: as ``threshold`` of :func:`paste_masks`.
+        with_masks: encode masks as RLE; False leaves ``rles`` None and skips the work.
+
+    Raises:
+        InvalidDetectionsError: outputs that break the contract, or ``mask_threshold <= 0``.
+    """
+    dets, labels, masks = select_valid(
+        dets, labels, masks, score_threshold, max_detections, keep_classes
+    )
+    boxes = rescale_boxes(dets[:, :4], scale_factor, orig_hw)
+    rles = encode_rle(masks, boxes, orig_hw, mask_threshold) if with_masks else None
+    return ImageDetections(
+        boxes=boxes, scores=dets[:, 4].astype(np.float32), labels=labels.astype(np.int64), rles=rles
+    )
+
+
+def _check_detections(dets: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> None:
+    n = len(dets)
+    if dets.ndim != 2 or dets.shape[1] != 5:
+        raise InvalidDetectionsError(f"dets must be [N, 5], got {list(dets.shape)}")
+    if labels.shape != (n,):
+        raise InvalidDetectionsError(f"labels must be [{n}], got {list(labels.shape)}")
+    if masks.ndim != 3 or len(masks) != n:
+        raise InvalidDetectionsError(f"masks must be [{n}, Mh, Mw], got {list(masks.shape)}")
+
+
+def _paste_regions(
+    boxes: np.ndarray, image_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per box the pixel region ``[top, bottom) x [left, right)`` that mmdet's paste samples.
+
+    ``boxes`` float64 ``[K, 4]``. Returns four int64 ``[K]``; the region is empty for degenerate
+    boxes and for boxes outside the image.
+    """
+    h, w = image_hw
+    x0, y0, x1, y1 = boxes.T
+    left = np.clip(np.floor(x0) - 1, 0, w)
+    top = np.clip(np.floor(y0) - 1, 0, h)
+    degenerate = (x1 <= x0) | (y1 <= y0)
+    right = np.where(degenerate, left, np.clip(np.ceil(x1) + 1, left, w))
+    bottom = np.where(degenerate, top, np.clip(np.ceil(y1) + 1, top, h))
+    return top.astype(np.int64), bottom.astype(np.int64), left.astype(np.int64), right.astype(np.int64)
+
+
+def _mask_runs(
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float
+) -> _MaskRuns:
+    """The vertical runs of set pixels of the pasted masks; see the module docstring."""
+    masks = np.asarray(masks)
+    boxes = np.asarray(boxes, np.float64)
+    k = len(boxes)
+    if boxes.shape != (k, 4) or masks.ndim != 3 or len(masks) != k:
+        raise InvalidDetectionsError(
+            f"need masks [K, Mh, Mw] and boxes [K, 4], got {list(masks.shape)} and {list(boxes.shape)}"
+        )
+    if not np.isfinite(boxes).all():
+        raise InvalidDetectionsError("boxes must be finite")
+    # Compared in float32 as torch compares a float32 tensor with a Python float.
+    t = float(np.float32(threshold))
+    if not t > 0:
+        raise InvalidDetectionsError(f"mask threshold must be > 0, got {threshold}")
+    h, w = image_hw
+    mask_h, mask_w = masks.shape[1:]
+    top, bottom, left, right = _paste_regions(boxes, image_hw)
+    x0, y0 = boxes[:, 0], boxes[:, 1]
+    box_w, box_h = boxes[:, 2] - x0, boxes[:, 3] - y0
+
+    # One entry per image column of every box's region.
+    columns = np.where(bottom > top, right - left, 0)
+    column_box = np.repeat(np.arange(k), columns)
+    column_x = np.arange(len(column_box)) - np.repeat(np.cumsum(columns) - columns - left, columns)
+
+    # Horizontal interpolation: each column's Mh mask values at u, framed by zero knots for the
+    # zero padding. Mask columns are indexed +1 into a zero-bordered copy, so neighbours outside
+    # the mask (any u < 0 or u > Mw - 1) read zeros.
+    u = (column_x + 0.5 - x0[column_box]) / box_w[column_box] * mask_w - 0.5
+    u_floor = np.floor(u)
+    u_frac = (u - u_floor).astype(np.float32)[:, None]
+    bordered = np.zeros((k, mask_w + 2, mask_h + 2), np.float32)
+    bordered[:, 1:-1, 1:-1] = masks.transpose(0, 2, 1)
+    bordered = bordered.reshape(k * (mask_w + 2), mask_h + 2)
+    row_base = column_box * (mask_w + 2)
+    left_col = bordered[row_base + np.clip(u_floor + 1, 0, mask_w + 1).astype(np.int64)]
+    right_col = bordered[row_base + np.clip(u_floor + 2, 0, mask_w + 1).astype(np.int64)]
+    knots = left_col * (1 - u_frac) + right_col * u_frac  # [C, Mh + 2]; knot j is mask row j - 1
+
+    # Threshold crossings between knots. Both end knots are 0 < t, so each column has an even
+    # number of crossings, alternately upward (set from here) and downward (set up to here).
+    above = knots >= t
+    crossing = np.flatnonzero(above[:, 1:] != above[:, :-1])
+    column, knot = np.divmod(crossing, mask_h + 1)
+    low, high = knots[column, knot].astype(np.float64), knots[column, knot + 1].astype(np.float64)
+    v = knot - 1 + (t - low) / (high - low)  # mask row coordinate where the value equals t
+    box = column_box[column]
+    y = (v + 0.5) * (box_h[box] / mask_h) + y0[box] - 0.5  # the image row that samples row v
+    boundary = np.empty_like(y)
+    boundary[0::2] = np.ceil(y[0::2])  # first pixel at or past an upward crossing
+    boundary[1::2] = np.floor(y[1::2]) + 1  # first pixel past a downward crossing
+    boundary = np.clip(boundary, top[box], bottom[box]).astype(np.int64)
+    # Rounding could put a boundary before the previous one of its column; keep them ordered.
+    column_key = column * (h + 1)
+    boundary = np.maximum.accumulate(column_key + boundary) - column_key
+
+    y_start, y_end = boundary[0::2], boundary[1::2]
+    nonempty = y_start < y_end
+    run_column = column[0::2][nonempty]
+    return _MaskRuns(
+        box=column_box[run_column],
+        x=column_x[run_column],
+        y_start=y_start[nonempty],
+        y_end=y_end[nonempty],
+    )
