@@ -82,8 +82,9 @@ def compile(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            # flush the collected activations every image: full-size feature maps are large
-            extra_options={"CalibMaxIntermediateOutputs": 1, "ActivationSymmetric": False},
+            # MinMax calibration reduces each activation to its min/max inside the augmented graph,
+            # so memory stays small however many images are fed
+            extra_options={"ActivationSymmetric": False},
         )
         if reader.count == 0:
             raise UnsupportedPrecision("int8 calibration got no images")

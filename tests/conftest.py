@@ -1,0 +1,112 @@
+"""Shared fixtures: real exported engines, built once and cached on disk.
+
+Exporting the full R50-FPN Mask R-CNN takes about half a minute on 2 cores, so artifacts are cached
+under ``$MASKRCNN_TEST_CACHE`` (default ``~/.cache/maskrcnn-serve/tests``), keyed by a hash of the
+source files that produce them and the build parameters; any change to those files rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-serve" / "tests"))
+# Everything that decides the bytes of an exported engine.
+PRODUCERS = sorted(
+    [*ROOT.glob("build_tools/*.py"), *ROOT.glob("service/backends/*.py"), ROOT / "service/manifest.py",
+     ROOT / "service/preprocess.py"]
+)
+SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
+
+
+def _key(**params) -> str:
+    import torch
+
+    digest = hashlib.sha256(repr(sorted(params.items())).encode() + torch.__version__.encode())
+    for path in PRODUCERS:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_export(batch_size: int = 1, score_threshold: float = 0.0, seed: int = 0) -> Path:
+    """Export folder (model.onnx + export.json) of the random-init mmdet-config model."""
+    from build_tools.pipeline import export_step
+
+    folder = CACHE / f"export-b{batch_size}-s{score_threshold}-seed{seed}-{_key(b=batch_size, s=score_threshold, seed=seed)}"
+    if not (folder / "export.json").is_file():
+        _build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=seed, batch_size=batch_size,
+                                                    score_threshold=score_threshold))
+    return folder
+
+
+def _build_into(folder: Path, build) -> None:
+    """Run ``build(tmp)`` in a private folder, then move it into place; concurrent test sessions
+    (several pytest processes share the cache) each build privately and the first rename wins."""
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another session finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cached_artifact(batch_size: int = 1, precision: str = "fp32") -> Path:
+    """A compiled ONNX Runtime artifact (verified at fp32 on one sample photo) of ``cached_export``."""
+    from build_tools.pipeline import compile_step
+
+    export_dir = cached_export(batch_size)
+    folder = CACHE / f"artifact-b{batch_size}-{precision}-{export_dir.name.rsplit('-', 1)[1]}"
+    if not (folder / "manifest.json").is_file():
+        _build_into(folder, lambda tmp: compile_step(
+            export_dir, tmp, precision=precision, verify_images=photo_dir(), verify_count=1,
+            calib_images=photo_dir() if precision == "int8" else None, calib_count=2,
+            allow_parity_failure=precision != "fp32", progress=False))
+    return folder
+
+
+def photo_dir() -> Path:
+    """A folder of real photographs (scikit-image's samples, copied so listing order is fixed)."""
+    import skimage
+
+    folder = CACHE / "photos"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_PHOTOS:
+        if not (folder / name).is_file():
+            shutil.copyfile(Path(skimage.data_dir) / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photos() -> Path:
+    return photo_dir()
+
+
+@pytest.fixture(scope="session")
+def export_dir() -> Path:
+    return cached_export(batch_size=1)
+
+
+@pytest.fixture(scope="session")
+def engine_dir() -> Path:
+    """Real ONNX Runtime fp32 artifact, batch 1, random-init weights, score threshold 0."""
+    return cached_artifact(batch_size=1)
+
+
+@pytest.fixture(scope="session")
+def engine_dir_b2() -> Path:
+    """As ``engine_dir`` with a fixed batch of 2."""
+    return cached_artifact(batch_size=2)
+
+
+@pytest.fixture(scope="session")
+def reference_model(export_dir):
+    """The eager PyTorch model the cached export was made from."""
+    from build_tools.pipeline import read_export_info, reload_reference
+
+    return reload_reference(read_export_info(export_dir)).model
