@@ -10,7 +10,9 @@ Mask pasting has mmdet's ``_do_paste_mask`` semantics (CPU path, one box at a ti
 ``>= threshold``: for a box ``(x0, y0, x1, y1)`` only pixels in ``[max(floor(x0) - 1, 0),
 min(ceil(x1) + 1, W))`` (same for y) are touched; pixel ``x`` samples mask column
 ``u = (x + 0.5 - x0) / (x1 - x0) * Mw - 0.5`` (``grid_sample``, ``align_corners=False``), rows the
-same way, bilinearly with zeros outside the ``Mh x Mw`` mask.
+same way, bilinearly with zeros outside the ``Mh x Mw`` mask. One deliberate difference: a box
+with ``x1 <= x0`` or ``y1 <= y0`` pastes nothing, where mmdet divides by zero and, after its
+``isinf`` fix-up, samples the mask's centre line.
 
 How it is computed: bilinear sampling is separable, and along one image column the sampled value
 is a piecewise-linear function of the mask row coordinate whose knots are the mask rows
@@ -29,6 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from pycocotools import mask as coco_mask
+
+# Image columns pasted per vectorised step; see _mask_runs.
+_COLUMNS_PER_CHUNK = 2048
 
 
 class InvalidDetectionsError(ValueError):
@@ -70,16 +75,21 @@ class MaskCrop:
 
 @dataclass(frozen=True)
 class _MaskRuns:
-    """Vertical runs of set pixels of K pasted masks, sorted by (box, x, y_start), disjoint.
+    """K pasted masks as vertical runs of set pixels, sorted by (box, x, y_start), disjoint.
 
-    All int64 ``[R]``: ``box`` (index into the K masks), ``x`` (image column), and the run's image
-    rows ``[y_start, y_end)``.
+    ``box`` (index into the K masks), ``x`` (image column) and the run's image rows
+    ``[y_start, y_end)``: int64 ``[R]``. ``top, bottom, left, right``: int64 ``[K]``, each box's
+    paste region ``[top, bottom) x [left, right)``, which holds all of its runs.
     """
 
     box: np.ndarray
     x: np.ndarray
     y_start: np.ndarray
     y_end: np.ndarray
+    top: np.ndarray
+    bottom: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
 
 
 def select_valid(
@@ -181,12 +191,12 @@ def paste_mask_crops(
 ) -> list[MaskCrop]:
     """:func:`paste_masks`, but each mask kept as the crop of the region its box touches.
 
-    Arguments and errors as :func:`paste_masks`. Returns K crops; a degenerate box or one outside
-    the image gives an empty ``[0, w]`` or ``[h, 0]`` crop.
+    Arguments and errors as :func:`paste_masks`. Returns K crops; a degenerate box, or one whose
+    region misses the image, gives an empty crop.
     """
     runs = _mask_runs(masks, boxes, image_hw, threshold)
-    top, bottom, left, right = _paste_regions(np.asarray(boxes, np.float64), image_hw)
-    crop_h, crop_w = bottom - top, right - left
+    top, left = runs.top, runs.left
+    crop_h, crop_w = runs.bottom - top, runs.right - left
     crop_area = crop_h * crop_w
     crop_offset = np.cumsum(crop_area) - crop_area
     # Column-major index of each run's ends inside the concatenated crops; a +1 at every start
@@ -219,9 +229,9 @@ def encode_rle(
         ``pycocotools.mask.encode(np.asfortranarray(paste_masks(...)[k].astype(np.uint8)))``
         with counts decoded to str. The runs come from the pasting directly; no full mask is built.
     """
-    h, w = image_hw
+    h, w = int(image_hw[0]), int(image_hw[1])
     k = len(boxes)
-    runs = _mask_runs(masks, boxes, image_hw, threshold)
+    runs = _mask_runs(masks, boxes, (h, w), threshold)
     # Column-major pixel index of every run start and end, interleaved: the mask's transitions.
     transitions = np.empty(2 * len(runs.box), np.int64)
     transitions[0::2] = runs.x * h + runs.y_start
@@ -334,7 +344,6 @@ def _mask_runs(
     t = float(np.float32(threshold))
     if not t > 0:
         raise InvalidDetectionsError(f"mask threshold must be > 0, got {threshold}")
-    h, w = image_hw
     mask_h, mask_w = masks.shape[1:]
     top, bottom, left, right = _paste_regions(boxes, image_hw)
     x0, y0 = boxes[:, 0], boxes[:, 1]
@@ -345,43 +354,109 @@ def _mask_runs(
     column_box = np.repeat(np.arange(k), columns)
     column_x = np.arange(len(column_box)) - np.repeat(np.cumsum(columns) - columns - left, columns)
 
-    # Horizontal interpolation: each column's Mh mask values at u, framed by zero knots for the
-    # zero padding. Mask columns are indexed +1 into a zero-bordered copy, so neighbours outside
-    # the mask (any u < 0 or u > Mw - 1) read zeros.
-    u = (column_x + 0.5 - x0[column_box]) / box_w[column_box] * mask_w - 0.5
+    # Horizontal interpolation: along column x the knots are the Mh mask rows sampled at u,
+    # framed by a zero knot at each end for the zero padding: left + frac * (right - left) between
+    # the two mask columns around u. knot_table holds, per box and mask column j of a
+    # zero-bordered copy, the row (right - left | left) for u in [j - 1, j); u is clipped to the
+    # support [-1, Mw], outside of which every value is 0.
+    u = np.clip((column_x + 0.5 - x0[column_box]) / box_w[column_box] * mask_w - 0.5, -1, mask_w)
     u_floor = np.floor(u)
-    u_frac = (u - u_floor).astype(np.float32)[:, None]
     bordered = np.zeros((k, mask_w + 2, mask_h + 2), np.float32)
     bordered[:, 1:-1, 1:-1] = masks.transpose(0, 2, 1)
-    bordered = bordered.reshape(k * (mask_w + 2), mask_h + 2)
-    row_base = column_box * (mask_w + 2)
-    left_col = bordered[row_base + np.clip(u_floor + 1, 0, mask_w + 1).astype(np.int64)]
-    right_col = bordered[row_base + np.clip(u_floor + 2, 0, mask_w + 1).astype(np.int64)]
-    knots = left_col * (1 - u_frac) + right_col * u_frac  # [C, Mh + 2]; knot j is mask row j - 1
+    knot_table = np.zeros((k, mask_w + 2, 2, mask_h + 2), np.float32)
+    knot_table[:, :-1, 0] = bordered[:, 1:] - bordered[:, :-1]
+    knot_table[:, :, 1] = bordered
+    knot_table = knot_table.reshape(k * (mask_w + 2), 2 * (mask_h + 2))
+    column_pair = column_box * (mask_w + 2) + (u_floor + 1).astype(np.int64)
+    column_frac = (u - u_floor).astype(np.float32)
+    # Image row y samples mask row v = (y + 0.5 - y0) / h_box * Mh - 0.5, i.e. y = v * a + b.
+    row_a = box_h / mask_h
+    row_b = (y0 - 0.5) + 0.5 * row_a
+
+    # Chunks of columns bound the temporaries (~1 MB) so they reuse heap memory rather than
+    # fault in fresh pages on every call, which cost more than the arithmetic. There is always
+    # one chunk, so no columns at all still give (empty) int64 runs.
+    chunks = [
+        _column_runs(
+            knot_table[column_pair[c : c + _COLUMNS_PER_CHUNK]],
+            column_frac[c : c + _COLUMNS_PER_CHUNK],
+            column_box[c : c + _COLUMNS_PER_CHUNK],
+            c,
+            row_a,
+            row_b,
+            top,
+            bottom,
+            t,
+        )
+        for c in range(0, max(len(column_box), 1), _COLUMNS_PER_CHUNK)
+    ]
+    run_column, y_start, y_end = (np.concatenate(parts) for parts in zip(*chunks))
+    return _MaskRuns(
+        box=column_box[run_column],
+        x=column_x[run_column],
+        y_start=y_start,
+        y_end=y_end,
+        top=top,
+        bottom=bottom,
+        left=left,
+        right=right,
+    )
+
+
+def _column_runs(
+    knot_rows: np.ndarray,
+    frac: np.ndarray,
+    box: np.ndarray,
+    first_column: int,
+    row_a: np.ndarray,
+    row_b: np.ndarray,
+    top: np.ndarray,
+    bottom: np.ndarray,
+    t: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of set pixels in C image columns.
+
+    Args:
+        knot_rows: float32 ``[C, 2 * (Mh + 2)]``, per column ``(right - left | left)`` knot rows.
+        frac: float32 ``[C]``, position of the column's u between ``left`` and ``right``.
+        box: int64 ``[C]``, the column's box.
+        first_column: index of the first of these columns among all columns.
+        row_a, row_b: float64 ``[K]``, per box: image row ``y = v * row_a + row_b`` samples mask row v.
+        top, bottom: int64 ``[K]``, per box the rows ``[top, bottom)`` of its paste region.
+        t: the threshold, > 0.
+
+    Returns:
+        int64 ``[R]`` each: the run's column (``first_column`` + index into the C) and its rows
+        ``[y_start, y_end)``; runs sorted by column then row, disjoint, non-empty.
+    """
+    n_knots = knot_rows.shape[1] // 2
+    knots = knot_rows[:, :n_knots]
+    knots *= frac[:, None]
+    knots += knot_rows[:, n_knots:]  # [C, Mh + 2]; knot j is mask row j - 1
 
     # Threshold crossings between knots. Both end knots are 0 < t, so each column has an even
     # number of crossings, alternately upward (set from here) and downward (set up to here).
     above = knots >= t
     crossing = np.flatnonzero(above[:, 1:] != above[:, :-1])
-    column, knot = np.divmod(crossing, mask_h + 1)
-    low, high = knots[column, knot].astype(np.float64), knots[column, knot + 1].astype(np.float64)
-    v = knot - 1 + (t - low) / (high - low)  # mask row coordinate where the value equals t
-    box = column_box[column]
-    y = (v + 0.5) * (box_h[box] / mask_h) + y0[box] - 0.5  # the image row that samples row v
-    boundary = np.empty_like(y)
-    boundary[0::2] = np.ceil(y[0::2])  # first pixel at or past an upward crossing
-    boundary[1::2] = np.floor(y[1::2]) + 1  # first pixel past a downward crossing
-    boundary = np.clip(boundary, top[box], bottom[box]).astype(np.int64)
+    column, knot = np.divmod(crossing, n_knots - 1)
+    low_index = column * (2 * n_knots) + knot
+    knot_values = knot_rows.reshape(-1)
+    low = knot_values[low_index]
+    v = ((t - low) / (knot_values[low_index + 1] - low)).astype(np.float64)
+    v += knot - 1  # the mask row coordinate where the value crosses t
+    crossing_box = box[column]
+    y = v * row_a[crossing_box]
+    y += row_b[crossing_box]
+    np.ceil(y[0::2], out=y[0::2])  # first pixel at or past an upward crossing
+    np.floor(y[1::2], out=y[1::2])
+    y[1::2] += 1  # first pixel past a downward crossing
+    np.clip(y, top[crossing_box], bottom[crossing_box], out=y)
+    boundary = y.astype(np.int64)
     # Rounding could put a boundary before the previous one of its column; keep them ordered.
-    column_key = column * (h + 1)
-    boundary = np.maximum.accumulate(column_key + boundary) - column_key
-
+    column_key = column * (int(bottom.max(initial=0)) + 1)
+    boundary += column_key
+    np.maximum.accumulate(boundary, out=boundary)
+    boundary -= column_key
     y_start, y_end = boundary[0::2], boundary[1::2]
     nonempty = y_start < y_end
-    run_column = column[0::2][nonempty]
-    return _MaskRuns(
-        box=column_box[run_column],
-        x=column_x[run_column],
-        y_start=y_start[nonempty],
-        y_end=y_end[nonempty],
-    )
+    return column[0::2][nonempty] + first_column, y_start[nonempty], y_end[nonempty]

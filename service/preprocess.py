@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -149,14 +150,18 @@ def prepare_image(rgb: np.ndarray, spec: InputSpec) -> PreparedImage:
         torch or numpy float32.
 
     Raises:
-        InvalidImageError: ``rgb`` is not a uint8 ``[h, w, 3]`` array with h, w >= 1.
+        InvalidImageError: ``rgb`` is not a uint8 ``[h, w, 3]`` array with h, w >= 1, or is so
+            elongated that its short side resizes to 0 pixels.
     """
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
         raise InvalidImageError(f"image must be a uint8 numpy array, got {getattr(rgb, 'dtype', type(rgb))}")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise InvalidImageError(f"image must have shape [h, w, 3] with h, w >= 1, got {list(rgb.shape)}")
+    rgb = np.ascontiguousarray(rgb)  # cv2 refuses strided views such as bgr[..., ::-1]
     h0, w0 = rgb.shape[:2]
     h, w = spec.resized_hw((h0, w0))
+    if h < 1 or w < 1:
+        raise InvalidImageError(f"a {w0}x{h0} image is too elongated: it resizes to {w}x{h} pixels")
     # cv2.resize returns an identical copy for an unchanged size; skipping it saves that copy.
     resized = rgb if (h, w) == (h0, w0) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
     tensor = np.empty((3, h, w), np.float32)
