@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[build,test]"
+.venv/bin/python -m pip install -q -e ".[build,openvino,test]"
 echo "ready: .venv (activate with: source .venv/bin/activate)"

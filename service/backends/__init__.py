@@ -18,6 +18,7 @@ from service.manifest import Manifest
 # registry name -> module implementing it
 _MODULES = {
     "onnxruntime": "service.backends.onnxruntime",
+    "openvino": "service.backends.openvino",
 }
 
 
