@@ -1,0 +1,242 @@
+"""Benchmark the service against its own engine: throughput at saturation, as a ratio.
+
+Baseline (same run, same sessions and threads): the engine alone, each session looping over
+one pre-padded batch of the image (no decode, preprocess, postprocess, batcher or HTTP).
+Service: ``maskrcnn-serve`` in a subprocess on loopback, ``--concurrency`` closed-loop HTTP clients
+posting the JPEG until ``--images`` answers came back (all must be 200).
+
+The two phases alternate for ``--rounds`` rounds, in turn going first (the server stays up, idle
+during the engine phase), so load from other processes on a shared machine hits both alike; each phase counts
+images over its own wall time, after one untimed warm-up. From the server's /metrics come the
+share of the service phase its engine was busy (near 100 % means the service keeps the engine
+saturated; this share does not move with outside load the way the ratio does) and per-stage
+means that show where the service's time goes.
+
+    python -m scripts.bench_service --engine ARTIFACT_DIR [--images 8] [--rounds 3]
+
+The goal is service / engine >= 0.95: everything around the engine costs under 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.backends import Engine, load_engine
+from service.decode import decode_image
+from service.preprocess import InputSpec, pad_batch, prepare_image
+from service.response import STAGES
+from service.settings import Settings
+
+GOAL = 0.95
+
+
+def synthetic_photo(h: int = 480, w: int = 640) -> bytes:
+    """A COCO-sized JPEG with smooth structure and noise (many proposals, realistic entropy)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / 37), 128 + 100 * np.cos(y / 23), 128 + 80 * np.sin((x + y) / 51)], -1)
+    rgb = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class EngineLoop:
+    """The baseline: ``settings.workers`` sessions, each looping over one full pre-padded batch."""
+
+    def __init__(self, engine_dir: Path, image: bytes, settings: Settings) -> None:
+        self.engines: list[Engine] = [
+            load_engine(engine_dir, threads=settings.threads_per_session) for _ in range(settings.workers)
+        ]
+        spec = InputSpec.from_manifest_input(self.engines[0].manifest.input)
+        rgb = decode_image(image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side)
+        self.batch_size = self.engines[0].batch_size or settings.max_batch_size
+        self.batch, self.sizes = pad_batch(
+            [prepare_image(rgb, spec)] * self.batch_size, spec.pad_divisor, batch_size=self.engines[0].batch_size
+        )
+        self.pool = ThreadPoolExecutor(len(self.engines))
+        self._run_each(1)  # warm-up
+
+    def images_per_call_round(self) -> int:
+        return self.batch_size * len(self.engines)
+
+    def throughput(self, images: int) -> float:
+        calls = images // self.images_per_call_round()
+        started = time.perf_counter()
+        self._run_each(calls)
+        return calls * self.images_per_call_round() / (time.perf_counter() - started)
+
+    def _run_each(self, calls: int) -> None:
+        def loop(engine: Engine) -> None:
+            for _ in range(calls):
+                engine.infer(self.batch, self.sizes)
+
+        list(self.pool.map(loop, self.engines))
+
+
+@contextmanager
+def running_service(engine_dir: Path, settings: Settings, concurrency: int) -> Iterator[str]:
+    """``maskrcnn-serve`` on a free loopback port, ready; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [
+        str(Path(sys.executable).with_name("maskrcnn-serve")), "--engine", str(engine_dir), "--port", str(port),
+        "--workers", str(settings.workers), "--threads", str(settings.threads_per_session),
+        "--max-batch-size", str(settings.max_batch_size), "--max-wait-ms", str(settings.max_wait_ms),
+        "--max-queue-depth", str(max(settings.max_queue_depth, concurrency)), "--request-timeout-ms", "600000",
+        "--log-level", "warning",
+    ]
+    server = subprocess.Popen(command)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while _status(base + "/readyz") != 200:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the service did not become ready")
+            time.sleep(0.2)
+        yield base
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+
+
+def service_throughput(base: str, image: bytes, images: int, concurrency: int, sessions: int) -> tuple[float, float]:
+    """Images per second answered by the service to ``concurrency`` closed-loop clients, and the
+    fraction of that time its ``sessions`` engine sessions were busy."""
+
+    async def run() -> tuple[float, float]:
+        issued = 0
+
+        async def client(http: httpx.AsyncClient) -> None:
+            nonlocal issued
+            while issued < images:
+                issued += 1
+                await post(http)
+
+        async def post(http: httpx.AsyncClient) -> None:
+            response = await http.post(base + "/predict", content=image, headers={"Content-Type": "image/jpeg"})
+            if response.status_code != 200:
+                raise RuntimeError(f"the service answered {response.status_code}: {response.text[:300]}")
+
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 1)) as http:
+            await post(http)  # warm-up
+            before = engine_counters((await http.get(base + "/metrics")).text)
+            started = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+            after = engine_counters((await http.get(base + "/metrics")).text)
+            return images / elapsed, engine_busy_s(before, after) / (elapsed * sessions)
+
+    return asyncio.run(run())
+
+
+def _samples(metrics_text: str) -> dict[tuple[str, str], float]:
+    """``(sample name, stage label or "") -> value`` of a /metrics body."""
+    return {
+        (sample.name, sample.labels.get("stage", "")): sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+    }
+
+
+def stage_means_ms(metrics_text: str) -> dict[str, float]:
+    """Mean milliseconds per request of each /predict stage."""
+    samples = _samples(metrics_text)
+    return {
+        stage: 1000 * samples[("maskrcnn_stage_seconds_sum", stage)] / samples[("maskrcnn_stage_seconds_count", stage)]
+        for stage in STAGES
+        if samples.get(("maskrcnn_stage_seconds_count", stage))
+    }
+
+
+def engine_counters(metrics_text: str) -> tuple[float, float, float]:
+    """``(sum over requests of their batch's run seconds, batches, images)`` from /metrics."""
+    samples = _samples(metrics_text)
+    return (
+        samples.get(("maskrcnn_stage_seconds_sum", "inference"), 0.0),
+        samples.get(("maskrcnn_batch_size_count", ""), 0.0),
+        samples.get(("maskrcnn_batch_size_sum", ""), 0.0),
+    )
+
+
+def engine_busy_s(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Seconds the engine spent on batches between two :func:`engine_counters` readings.
+
+    Each request records its whole batch's run time, so the sum over requests is divided by the
+    mean batch size (exact when batches are equal, as at saturation).
+    """
+    run_s, batches, images = (b - a for a, b in zip(before, after))
+    return run_s * batches / images if images else 0.0
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url).status_code
+    except httpx.TransportError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", type=Path, required=True, help="engine artifact folder")
+    parser.add_argument("--image", type=Path, help="a JPEG to send (default: a synthetic 640x480 photo)")
+    parser.add_argument("--images", type=int, default=8, help="images per phase and round (rounded to whole batches)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating engine/service rounds")
+    parser.add_argument("--concurrency", type=int, help="HTTP clients (default: 2 x batch x workers + 1)")
+    parser.add_argument("--workers", type=int, default=1, help="engine sessions")
+    parser.add_argument("--threads", type=int, help="intra-op threads per session (default: cores / workers)")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="images per call of a mutable-batch engine")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    args = parser.parse_args(argv)
+
+    settings = Settings(
+        engine_dir=args.engine, workers=args.workers, threads=args.threads, max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+    )
+    image = args.image.read_bytes() if args.image else synthetic_photo()
+    baseline = EngineLoop(args.engine, image, settings)
+    images = max(1, args.images // baseline.images_per_call_round()) * baseline.images_per_call_round()
+    concurrency = args.concurrency or 2 * baseline.images_per_call_round() + 1
+    print(f"{images} images per phase; batch {baseline.batch_size}, {settings.workers} session(s) x "
+          f"{settings.threads_per_session} threads; {concurrency} HTTP clients on loopback")
+    engine_times, service_times = [], []
+    with running_service(args.engine, settings, concurrency) as base:
+        for round_index in range(args.rounds):
+            if round_index % 2:  # alternate which phase goes first, so a drift in outside load cancels
+                service_rate, busy = service_throughput(base, image, images, concurrency, settings.workers)
+                engine_rate = baseline.throughput(images)
+            else:
+                engine_rate = baseline.throughput(images)
+                service_rate, busy = service_throughput(base, image, images, concurrency, settings.workers)
+            engine_times.append(images / engine_rate)
+            service_times.append(images / service_rate)
+            print(f"round {round_index + 1}: engine {engine_rate:.3f} images/s, service {service_rate:.3f} images/s "
+                  f"(engine busy {busy:.1%}), ratio {service_rate / engine_rate:.3f}")
+        stages = stage_means_ms(httpx.get(base + "/metrics").text)
+    ratio = sum(engine_times) / sum(service_times)
+    print("service stage means (ms per request): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
+    calls = args.rounds * images // baseline.images_per_call_round()  # per session
+    print(f"engine alone: {1000 * sum(engine_times) / calls:.1f} ms per call (compare the service's inference mean)")
+    print(f"ratio service/engine over all rounds: {ratio:.3f}  (goal >= {GOAL})")
+    return 0 if ratio >= GOAL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The FastAPI application: ``create_app(settings, engine=None)`` wires the request path together.
+
+Start-up loads the engine pool (an injected engine makes a pool of one session), starts the
+batcher and warms every session up in the background; /readyz turns 200 when that is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+
+import numpy as np
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.backends import Engine
+from service.batcher import Batcher
+from service.engine_pool import EnginePool, ImageOutputs
+from service.errors import install_error_handlers
+from service.metrics import Metrics, RequestCounter
+from service.preprocess import PreparedImage, prepare_image
+from service.response import OrjsonResponse
+from service.routes import api, probes
+from service.runtime import ClassTable, Runtime
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+# A photo-sized noise image: warm-up should take the paths real images take (many proposals).
+WARM_UP_HW = (480, 640)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The service app; ``engine`` (already loaded) replaces loading ``settings.engine_dir``.
+
+    Raises:
+        ValueError: neither an engine nor ``settings.engine_dir``, or an injected engine with
+            ``settings.workers != 1``.
+    """
+    if engine is None and settings.engine_dir is None:
+        raise ValueError("settings.engine_dir (MASKRCNN_ENGINE_DIR) is required when no engine is injected")
+    if engine is not None and settings.workers != 1:
+        raise ValueError(f"an injected engine is one session; settings.workers must be 1, got {settings.workers}")
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            pool = EnginePool([engine])
+        else:
+            pool = await run_in_threadpool(EnginePool.load, settings.engine_dir, settings.workers, settings.threads_per_session)
+        max_batch_size = pool.max_batch_size(settings.max_batch_size)
+
+        async def run_batch(images: list[PreparedImage]) -> list[ImageOutputs]:
+            metrics.batch_size.observe(len(images))
+            return await pool.infer(images)
+
+        batcher = Batcher(
+            run_batch,
+            max_batch_size=max_batch_size,
+            max_wait_s=settings.max_wait_ms / 1000,
+            max_queue_depth=settings.max_queue_depth,
+            num_workers=pool.size,
+            group_key=pool.padded_hw,
+            retry_after_s=settings.retry_after_s,
+        )
+        manifest = pool.manifest
+        metrics.queue_depth.set_function(lambda: batcher.depth)
+        metrics.engine.info({
+            "backend": manifest.backend,
+            "precision": manifest.precision,
+            "origin": manifest.origin,
+            "graph_batch": str(pool.batch_size or "mutable"),
+            "max_batch_size": str(max_batch_size),
+            "sessions": str(pool.size),
+            "threads_per_session": str(settings.threads_per_session),
+        })
+        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest_classes(manifest.classes))
+        app.state.runtime = runtime
+        async with batcher:
+            warm_up = asyncio.create_task(_warm_up(runtime))
+            try:
+                yield
+            finally:
+                runtime.not_ready_reason = "the service is shutting down"
+                warm_up.cancel()
+        pool.close()
+
+    app = FastAPI(
+        title="maskrcnn-serve",
+        version=version("maskrcnn-serve"),
+        description="Mask R-CNN R50-FPN instance segmentation (COCO classes) over HTTP.",
+        lifespan=lifespan,
+        default_response_class=OrjsonResponse,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(RequestCounter, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status)).inc())
+    app.include_router(api)
+    app.include_router(probes)
+    return app
+
+
+async def _warm_up(runtime: Runtime) -> None:
+    """Run one full batch on every session, then declare the runtime ready."""
+    noise = np.random.default_rng(0).integers(0, 256, (*WARM_UP_HW, 3), dtype=np.uint8)
+    try:
+        image = prepare_image(noise, runtime.pool.input_spec)
+        await runtime.pool.warm_up(image)
+    except Exception as exc:
+        log.exception("engine warm-up failed")
+        runtime.not_ready_reason = f"the engine failed its warm-up: {type(exc).__name__}: {exc}"
+        return
+    runtime.not_ready_reason = None
+    log.info("engine warmed up on %d session(s); ready", runtime.pool.size)

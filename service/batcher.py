@@ -1,0 +1,194 @@
+"""Batcher: gathers single requests into batches for a batch function, on the event loop.
+
+Rules (after Ray Serve's ``serve.batch``):
+
+- arguments are validated at construction;
+- a batch holds at most ``max_batch_size`` items that share a group key (e.g. the padded input
+  shape, so one engine call pads little), oldest first; it is dispatched when full or when its
+  oldest item has waited ``max_wait_s``, whichever comes first, and only when a worker is free;
+- at most ``max_queue_depth`` items wait; one more is refused with :class:`Overloaded` (503);
+- an item whose deadline has passed fails with :class:`DeadlineExceeded` (504) instead of
+  running, and an item whose caller cancelled its future (the client went away) leaves the
+  queue at once and never runs;
+- the batch function must return one result per item, in order; otherwise, or when it raises,
+  every caller of that batch receives the exception, and the worker goes on with the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's result with how it got there."""
+
+    value: R
+    queue_wait_s: float  # from submit to the start of its batch
+    run_s: float  # the batch function's wall time for the whole batch
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Pending(Generic[T, R]):
+    item: T
+    key: Hashable
+    deadline: float  # event-loop time
+    enqueued: float  # event-loop time
+    future: asyncio.Future[Batched[R]] = field(repr=False)
+
+
+class Batcher(Generic[T, R]):
+    """Feeds ``handle_batch(list[T]) -> list[R]`` from ``num_workers`` concurrent workers.
+
+    Use as ``async with Batcher(...) as batcher:``; leaving the block stops the workers and fails
+    whatever still waits with :class:`NotReady`.
+    """
+
+    def __init__(
+        self,
+        handle_batch: Callable[[list[T]], Awaitable[list[R]]],
+        *,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue_depth: int,
+        num_workers: int = 1,
+        group_key: Callable[[T], Hashable] = lambda _: None,
+        retry_after_s: int = 1,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if max_queue_depth < 1:
+            raise ValueError(f"max_queue_depth must be >= 1, got {max_queue_depth}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._handle_batch = handle_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_s
+        self.max_queue_depth = max_queue_depth
+        self._num_workers = num_workers
+        self._group_key = group_key
+        self._retry_after_s = retry_after_s
+        self._queue: list[_Pending[T, R]] = []
+        self._arrived = asyncio.Event()
+        self._forming = asyncio.Lock()
+        self._workers: list[asyncio.Task[None]] = []
+        self._closed = True
+
+    async def __aenter__(self) -> Batcher[T, R]:
+        self._closed = False
+        self._workers = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self._num_workers)]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closed = True
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        _fail(self._queue, self._shutting_down())
+        self._queue.clear()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for a worker."""
+        return len(self._queue)
+
+    def _shutting_down(self) -> NotReady:
+        return NotReady("the service is shutting down", retry_after_s=self._retry_after_s)
+
+    def check_capacity(self) -> None:
+        """Raise :class:`Overloaded` (or :class:`NotReady` once closed) if a submit would be refused now."""
+        if self._closed:
+            raise self._shutting_down()
+        if len(self._queue) >= self.max_queue_depth:
+            raise Overloaded(
+                f"{len(self._queue)} images are waiting for the engine (the limit is {self.max_queue_depth}); "
+                "retry later",
+                retry_after_s=self._retry_after_s,
+            )
+
+    def submit(self, item: T, deadline: float) -> asyncio.Future[Batched[R]]:
+        """Queue ``item``; ``deadline`` is in event-loop time (``loop.time()``).
+
+        The caller awaits the returned future; cancelling it withdraws the item.
+        """
+        self.check_capacity()
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, self._group_key(item), deadline, loop.time(), loop.create_future())
+        pending.future.add_done_callback(lambda fut: self._withdraw(pending) if fut.cancelled() else None)
+        self._queue.append(pending)
+        self._arrived.set()
+        return pending.future
+
+    def _withdraw(self, pending: _Pending[T, R]) -> None:
+        with contextlib.suppress(ValueError):
+            self._queue.remove(pending)
+
+    async def _work(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            await self._run(batch)
+
+    async def _next_batch(self) -> list[_Pending[T, R]]:
+        loop = asyncio.get_running_loop()
+        async with self._forming:
+            while True:
+                self._prune(loop.time())
+                if not self._queue:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                    continue
+                head = self._queue[0]
+                group = [p for p in self._queue if p.key == head.key][: self.max_batch_size]
+                wait_s = head.enqueued + self.max_wait_s - loop.time()
+                if len(group) == self.max_batch_size or wait_s <= 0:
+                    for pending in group:
+                        self._queue.remove(pending)
+                    return group
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), wait_s)
+
+    def _prune(self, now: float) -> None:
+        """Drop withdrawn items whose done-callback has not run yet, and fail expired ones."""
+        for pending in [p for p in self._queue if p.future.done() or p.deadline <= now]:
+            self._queue.remove(pending)
+            if not pending.future.done():
+                pending.future.set_exception(
+                    DeadlineExceeded(f"the deadline passed after {now - pending.enqueued:.3f} s in the queue")
+                )
+
+    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            results = await self._handle_batch([p.item for p in batch])
+            if len(results) != len(batch):
+                raise InferenceFailed(f"the batch function returned {len(results)} results for {len(batch)} inputs")
+        except asyncio.CancelledError:  # the batcher is closing under this batch
+            _fail(batch, self._shutting_down())
+            raise
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        run_s = loop.time() - started
+        for pending, result in zip(batch, results):
+            if not pending.future.done():
+                pending.future.set_result(Batched(result, started - pending.enqueued, run_s, len(batch)))
+
+
+def _fail(batch: list[_Pending[T, R]], exc: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            pending.future.set_exception(exc)

@@ -1,0 +1,71 @@
+"""Decode: image bytes (JPEG, PNG, WebP, BMP) to an RGB uint8 array, upright, within limits.
+
+The limits are checked from the header before any pixel is decoded: ``PIL.Image.open`` reads only
+the header, so a 100-megapixel bomb costs a few bytes of parsing and a 413.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidImage, PayloadTooLarge
+
+# PIL format names we decode. PIL's JPEG opener also reads MPO, the multi-picture JPEG some
+# cameras write (its first frame is used).
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+_SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -> np.ndarray:
+    """Decode an encoded image to ``uint8 [h, w, 3]`` RGB, EXIF orientation applied.
+
+    Grayscale is replicated to three channels, alpha is dropped (as OpenCV's ``IMREAD_COLOR``
+    does, which mmdet's reference pipeline uses), 16-bit samples keep their high byte, CMYK and
+    palette images are converted.
+
+    Raises:
+        PayloadTooLarge: more than ``max_bytes`` bytes, or more than ``max_pixels`` pixels.
+        InvalidImage: empty, not one of the supported formats, corrupt or truncated, or a side
+            shorter than ``min_side`` pixels.
+    """
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {max_bytes} (MASKRCNN_MAX_BYTES)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage("the payload is not a JPEG, PNG, WebP or BMP image") from None
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"the image header declares too many pixels: {exc}") from None
+    except Exception as exc:  # PIL raises many types on malformed headers; all are the client's data.
+        raise InvalidImage(f"the image header is malformed: {exc}") from None
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels; "
+            f"the limit is {max_pixels} (MASKRCNN_MAX_PIXELS)"
+        )
+    if min(width, height) < min_side:
+        raise InvalidImage(f"the image is {width}x{height}; each side must be at least {min_side} pixels")
+
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except Exception as exc:  # truncated or corrupt pixel data, or a malformed EXIF block.
+        raise InvalidImage(f"the {image.format} image data is corrupt or truncated: {exc}") from None
+    return _to_rgb8(image)
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    """``uint8 [h, w, 3]`` RGB from any PIL mode our formats produce."""
+    if image.mode == "RGB":
+        return np.asarray(image, dtype=np.uint8)
+    if image.mode in _SIXTEEN_BIT_GRAY:
+        gray = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)

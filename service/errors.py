@@ -1,0 +1,175 @@
+"""Typed service errors and the ONE table that maps them to HTTP responses.
+
+Every error a client can cause is raised as a subclass of :class:`ServiceError`; its docstring
+names the HTTP status. :func:`install_error_handlers` maps these, FastAPI's request validation
+errors and Starlette's routing errors (404, 405) to one body shape::
+
+    {"error": {"code": "payload_too_large", "message": "image is 25000000 bytes; ..."}}
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.response import OrjsonResponse
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base class: an HTTP status, a stable machine-readable code and a message a person can act on."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    """400: the request body is malformed (e.g. invalid JSON)."""
+
+    status_code = 400
+    code = "bad_request"
+
+
+class InvalidImage(BadRequest):
+    """400: the payload is not a decodable JPEG, PNG, WebP or BMP image, or is unusably small."""
+
+    code = "invalid_image"
+
+
+class Unauthorized(ServiceError):
+    """401: an API key is configured and the request did not present it."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(ServiceError):
+    """413: the body or the image exceeds the byte or pixel limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """415: the Content-Type is not one /predict accepts."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidParameters(ServiceError):
+    """422: a request parameter (query, JSON field, form field or header) is invalid."""
+
+    status_code = 422
+    code = "invalid_parameters"
+
+
+class ClientDisconnected(ServiceError):
+    """499 (nginx's "client closed request"): the client went away; nobody reads this response."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
+class InferenceFailed(ServiceError):
+    """500: the engine raised on a batch, or returned outputs that do not match its inputs."""
+
+    status_code = 500
+    code = "inference_failed"
+
+
+class Unavailable(ServiceError):
+    """503 with Retry-After: the service cannot take the request now (base of the two reasons)."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(Unavailable):
+    """503 with Retry-After: the batch queue is full."""
+
+    code = "overloaded"
+
+
+class NotReady(Unavailable):
+    """503 with Retry-After: the engine is not loaded and warmed up yet, or is shutting down."""
+
+    code = "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    """504: the request's deadline passed before its result was ready."""
+
+    status_code = 504
+    code = "deadline_exceeded"
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+def _error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
+    return OrjsonResponse(
+        {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
+    )
+
+
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
+    """One line from pydantic/FastAPI validation errors: ``"query.score_threshold: Input should be ..."``."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        message = str(err.get("msg", "invalid"))
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts) or "invalid request"
+
+
+async def _service_error(_: Request, exc: ServiceError) -> OrjsonResponse:
+    return _error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
+    return _error_response(InvalidParameters.status_code, InvalidParameters.code, describe_validation_errors(exc.errors()))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return _error_response(500, ServiceError.code, f"{type(exc).__name__}: {exc}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The one place where exceptions become HTTP responses."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

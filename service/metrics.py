@@ -1,0 +1,67 @@
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Seconds: from sub-millisecond host stages to multi-second CPU inference.
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The service's metrics; ``render()`` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "maskrcnn_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "maskrcnn_stage_seconds",
+            "Latency of /predict per stage (decode, preprocess, queue_wait, inference, postprocess, total)",
+            ["stage"], buckets=STAGE_BUCKETS, registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "maskrcnn_batch_size", "Images per engine call", buckets=BATCH_BUCKETS, registry=self.registry
+        )
+        self.queue_depth = Gauge("maskrcnn_queue_depth", "Images waiting for an engine session", registry=self.registry)
+        self.in_flight = Gauge("maskrcnn_requests_in_flight", "/predict requests being handled", registry=self.registry)
+        self.engine = Info("maskrcnn_engine", "The loaded engine and how it is served", registry=self.registry)
+
+    def observe_stages(self, seconds: dict[str, float]) -> None:
+        for stage, value in seconds.items():
+            self.stage_seconds.labels(stage).observe(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """ASGI middleware counting every HTTP request by route template and final status code."""
+
+    def __init__(self, app: ASGIApp, count: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.count = count
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an exception escaping the app becomes a 500 upstream
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            self.count(getattr(route, "path", "unmatched"), status)

@@ -1,0 +1,202 @@
+"""Request: the body forms /predict accepts, the body size limit, and the prediction options.
+
+Three body forms carry one image:
+
+- ``multipart/form-data``: a file field ``image``; option fields may sit beside it;
+- ``application/json``: ``{"image": "<base64>", ...options}`` (a ``data:`` URL prefix is allowed);
+- a raw image body with ``Content-Type: image/jpeg | image/png | image/webp | image/bmp``.
+
+Options may also be query parameters; a field given in the body wins over the query.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import (
+    BadRequest,
+    ClientDisconnected,
+    InvalidImage,
+    InvalidParameters,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    describe_validation_errors,
+)
+from service.response import ResponseFormat
+
+MULTIPART = "multipart/form-data"
+JSON = "application/json"
+RAW_IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp")
+IMAGE_FIELD = "image"
+
+
+class PredictOptions(BaseModel):
+    """How to answer a /predict request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    score_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Keep detections scoring at least this; default: the engine manifest's (0.05).",
+    )
+    max_detections: int | None = Field(
+        None, ge=1, description="Most detections returned; default and upper bound: the manifest's (100)."
+    )
+    classes: list[str] | None = Field(
+        None,
+        description="Keep only these classes: COCO category names or ids; repeat the field or separate with commas.",
+    )
+    format: ResponseFormat = Field(
+        "native",
+        description="native: {detections, image, timings_ms} with bbox [x1,y1,x2,y2]; "
+        "coco: a list of COCO results-file entries with bbox [x,y,w,h].",
+    )
+    masks: bool = Field(True, description="Include each detection's segmentation (COCO RLE).")
+    image_id: int | None = Field(None, description="COCO image id copied into format=coco entries.")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        values = value if isinstance(value, list) else [value]
+        return [part.strip() for v in values for part in str(v).split(",") if part.strip()]
+
+
+class PredictJSON(PredictOptions):
+    """The ``application/json`` body of /predict."""
+
+    image: str = Field(description="The encoded image (JPEG, PNG, WebP or BMP) in base64, optionally as a data: URL.")
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The image bytes of one request and the option fields its body carried."""
+
+    image: bytes
+    options: dict[str, Any]
+
+
+def merge_options(query: PredictOptions, body_options: dict[str, Any]) -> PredictOptions:
+    """Query options overridden by body options, validated together."""
+    try:
+        return PredictOptions.model_validate({**query.model_dump(exclude_unset=True), **body_options})
+    except ValidationError as exc:
+        raise InvalidParameters(describe_validation_errors(exc.errors())) from None
+
+
+async def read_payload(request: Request, max_body_bytes: int) -> Payload:
+    """Read the body (at most ``max_body_bytes``) and take the image and option fields from it.
+
+    Raises:
+        UnsupportedMediaType: a Content-Type other than the three forms.
+        PayloadTooLarge: the body is longer than ``max_body_bytes``.
+        BadRequest: malformed JSON or multipart; InvalidImage: broken base64.
+        InvalidParameters: a missing image field or a bad option field.
+        ClientDisconnected: the client left while sending.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type not in (MULTIPART, JSON, *RAW_IMAGE_TYPES):
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type or '(none)'!r} is not accepted; send {MULTIPART} with a file field "
+            f"{IMAGE_FIELD!r}, {JSON} with base64 in {IMAGE_FIELD!r}, or a raw {', '.join(RAW_IMAGE_TYPES)} body"
+        )
+    body = await _read_body(request, max_body_bytes)
+    if media_type == MULTIPART:
+        return await _from_multipart(request, body)
+    if media_type == JSON:
+        return _from_json(body)
+    return Payload(body, {})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientDisconnected("the client closed the connection while sending the body") from None
+    return b"".join(chunks)
+
+
+async def _from_multipart(request: Request, body: bytes) -> Payload:
+    async def replay() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(request.headers, replay(), max_files=1, max_fields=16, max_part_size=64 * 1024)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise BadRequest(f"malformed multipart body: {exc.message}") from None
+    try:
+        image = None
+        options: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != IMAGE_FIELD:
+                    raise InvalidParameters(f"unexpected file field {name!r}; send the image as {IMAGE_FIELD!r}")
+                image = await value.read()
+            elif name == "classes":
+                options.setdefault(name, []).append(value)
+            else:
+                options[name] = value
+    finally:
+        await form.close()
+    if image is None:
+        raise InvalidParameters(f"the multipart body has no file field {IMAGE_FIELD!r}")
+    return Payload(image, options)
+
+
+def _from_json(body: bytes) -> Payload:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    try:
+        request = PredictJSON.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidParameters(describe_validation_errors(exc.errors())) from None
+    encoded = request.image
+    if encoded.startswith("data:"):
+        encoded = encoded.partition(",")[2]
+    try:
+        image = base64.b64decode("".join(encoded.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"field {IMAGE_FIELD!r} is not valid base64: {exc}") from None
+    return Payload(image, request.model_dump(exclude_unset=True, exclude={IMAGE_FIELD}))
+
+
+def request_body_openapi() -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of /predict, generated from the same models that parse it."""
+    options = PredictOptions.model_json_schema()["properties"]
+    binary = {"type": "string", "format": "binary"}
+    multipart = {
+        "type": "object",
+        "required": [IMAGE_FIELD],
+        "properties": {IMAGE_FIELD: {**binary, "description": "The image file."}, **options},
+    }
+    return {
+        "required": True,
+        "description": "One image: multipart upload, base64 JSON, or a raw image body.",
+        "content": {
+            MULTIPART: {"schema": multipart},
+            JSON: {"schema": PredictJSON.model_json_schema()},
+            **{media_type: {"schema": binary} for media_type in RAW_IMAGE_TYPES},
+        },
+    }

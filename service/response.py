@@ -1,0 +1,110 @@
+"""Response: /predict bodies (native and COCO results-file forms), their schemas, and orjson rendering."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+ResponseFormat = Literal["native", "coco"]
+STAGES = ("decode", "preprocess", "queue_wait", "inference", "postprocess", "total")
+
+
+class OrjsonResponse(JSONResponse):
+    """JSON rendered by orjson (numpy scalars and arrays included)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class RLE(BaseModel):
+    """COCO run-length encoding, as ``pycocotools.mask.decode`` reads it."""
+
+    size: tuple[int, int] = Field(description="[height, width] of the original image, pixels")
+    counts: str = Field(description="compressed RLE counts (pycocotools string form)")
+
+
+class Detection(BaseModel):
+    bbox: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in original-image pixels")
+    score: float
+    category_id: int = Field(description="COCO category id")
+    category_name: str
+    segmentation: RLE | None = Field(None, description="the instance mask; absent when masks=false")
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per stage of this request (inference is the whole batch's engine call)."""
+
+    decode: float
+    preprocess: float
+    queue_wait: float
+    inference: float
+    postprocess: float
+    total: float
+
+
+class PredictResponse(BaseModel):
+    """``format=native``: detections in original-image pixels, sorted by score, descending."""
+
+    detections: list[Detection]
+    image: ImageInfo
+    timings_ms: Timings
+
+
+class CocoResult(BaseModel):
+    """One entry of a COCO results file (``format=coco``)."""
+
+    image_id: int | None = Field(None, description="present when the request gave image_id")
+    category_id: int
+    bbox: tuple[float, float, float, float] = Field(description="[x, y, width, height] in original-image pixels")
+    score: float
+    segmentation: RLE | None = Field(None, description="absent when masks=false")
+
+
+def native_body(
+    boxes: list[list[float]],
+    scores: list[float],
+    category_ids: list[int],
+    category_names: list[str],
+    rles: list[dict[str, Any]] | None,
+    image_hw: tuple[int, int],
+    timings_ms: dict[str, float],
+) -> dict[str, Any]:
+    """The ``native`` form; ``boxes`` are ``[x1, y1, x2, y2]`` original pixels, ``rles`` None without masks."""
+    detections = []
+    for i, box in enumerate(boxes):
+        detection = {"bbox": box, "score": scores[i], "category_id": category_ids[i], "category_name": category_names[i]}
+        if rles is not None:
+            detection["segmentation"] = rles[i]
+        detections.append(detection)
+    return {
+        "detections": detections,
+        "image": {"width": image_hw[1], "height": image_hw[0]},
+        "timings_ms": timings_ms,
+    }
+
+
+def coco_body(
+    boxes: list[list[float]],
+    scores: list[float],
+    category_ids: list[int],
+    rles: list[dict[str, Any]] | None,
+    image_id: int | None,
+) -> list[dict[str, Any]]:
+    """The ``coco`` form: results-file entries with ``bbox`` as ``[x, y, w, h]``."""
+    results = []
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        result: dict[str, Any] = {"category_id": category_ids[i], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": scores[i]}
+        if image_id is not None:
+            result["image_id"] = image_id
+        if rles is not None:
+            result["segmentation"] = rles[i]
+        results.append(result)
+    return results

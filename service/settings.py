@@ -1,0 +1,62 @@
+"""The service's one settings object: environment variables with the prefix ``MASKRCNN_``.
+
+Validated once at start-up; the CLI (``maskrcnn-serve``) overrides fields from its flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.manifest import MANIFEST_NAME
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MASKRCNN_", extra="forbid", frozen=True)
+
+    engine_dir: Path | None = Field(
+        None, description="Engine artifact folder (holds manifest.json); required unless an engine is injected."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 in containers.")
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Engine sessions, each driven by its own worker thread.")
+    threads: int | None = Field(
+        None, ge=1, le=256, description="Intra-op threads per session; default: CPU cores / workers."
+    )
+    max_batch_size: int = Field(
+        4, ge=1, le=256, description="Most images per engine call (a fixed-batch engine uses its own size)."
+    )
+    max_wait_ms: float = Field(10.0, ge=0, le=10_000, description="How long a batch waits to fill after its first image.")
+    max_queue_depth: int = Field(16, ge=1, le=100_000, description="Images waiting for an engine; beyond it, 503.")
+    request_timeout_ms: float = Field(
+        30_000, gt=0, le=3_600_000, description="Default deadline per request (header X-Request-Timeout-Ms overrides)."
+    )
+    max_bytes: int = Field(20 * 2**20, ge=1024, description="Largest encoded image, in bytes.")
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest image, in pixels (width x height), checked before decoding.")
+    min_side: int = Field(8, ge=1, description="Smallest accepted image side, in pixels.")
+    api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics needs it.")
+    grace_period_s: float = Field(30.0, ge=0, le=3600, description="On SIGTERM, time to finish in-flight requests.")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503 answers, in seconds.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("engine_dir")
+    @classmethod
+    def _is_artifact(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / MANIFEST_NAME).is_file():
+            raise ValueError(f"{value} is not an engine artifact folder ({MANIFEST_NAME} not found)")
+        return value
+
+    @property
+    def threads_per_session(self) -> int:
+        """Intra-op threads for each engine session: the setting, or the cores shared evenly."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.threads or max(1, cores // self.workers)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: an image of max_bytes sent as base64 JSON, plus room for the other fields."""
+        return self.max_bytes * 4 // 3 + 64 * 1024
