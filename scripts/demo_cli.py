@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from scripts import demo_data
+from scripts import demo_data, demo_eval, demo_train
 
 # name -> (entry point taking the arguments after the name, one-line help)
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "data": (demo_data.main, "write a synthetic COCO-layout instance-segmentation dataset"),
+    "train": (demo_train.main, "train the demo Mask R-CNN from scratch and write an mmdet checkpoint"),
+    "eval": (demo_eval.main, "COCO AP and reference results of a checkpoint on a dataset split"),
 }
 
 

@@ -1,0 +1,556 @@
+"""`maskrcnn-demo train`: train the project's Mask R-CNN R50-FPN from scratch on the synthetic data.
+
+No pretrained weights can be fetched where this project is developed, so the demo model that
+accuracy is measured with is trained here, from scratch, on CPU (the default 1000 steps take
+about 25 minutes on 2 otherwise idle cores with ``--threads 1``, at about 1.4 s per step):
+
+- The architecture is exactly ``build_tools.model.MaskRCNN`` with mmdet's settings (81-way head,
+  background at internal label 0; COCO category ``c`` has label ``1 + COCO_CATEGORY_IDS.index(c)``).
+  It trains with ordinary ``BatchNorm2d`` (frozen statistics from a random start cannot train a
+  50-layer network) in two phases: first with batch statistics, then, once the statistics have
+  been measured and frozen (``freeze_bn_fraction``), with the fixed normalisation the service
+  applies; a network trained on batch statistics of two crops alone comes to depend on them and
+  fails with running statistics. The final weights and statistics are copied into the
+  ``FrozenBatchNorm2d`` model the service uses (:func:`to_inference_model`) and written as an
+  mmdetection checkpoint, so evaluation exercises the real loading path.
+- Object scale is the test scale: every image is resized exactly as the service does
+  (``service.preprocess.prepare_image``, keep ratio to 1333x800), then a random ``crop`` x ``crop``
+  window, usually placed on an object, is cut out and flipped at random. Small crops keep an
+  iteration cheap without teaching the network a scale it never sees at test time.
+- Training-only changes, none of which alters the exported graph: the RPN and RoI heads sample
+  ``rpn_samples`` anchors and ``roi_samples`` RoIs per image instead of 256 and 512 (a crop holds
+  an object or two, and a head trained from scratch among hundreds of negatives per positive
+  learns to call everything background), the last BN of every residual block starts at zero
+  (standard for training from scratch), and the forward pass may run in bfloat16 autocast
+  (``precision="bf16"``, about 1.5x faster on CPUs with AVX512-BF16; weights, BN statistics and
+  losses stay float32).
+
+Resumable: the training state (model, optimizer, iteration, torch RNG, settings) is written every
+``save_every`` iterations and when SIGINT or SIGTERM arrives, next to the output as
+``<out stem>.state.pth``. The data a given iteration sees is a pure function of ``(seed,
+iteration)``, so a resumed run draws the same crops it would have drawn without the interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import math
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.resnet import Bottleneck
+from tqdm import tqdm
+
+from build_tools.checkpoint import save_mmdet_checkpoint
+from build_tools.model import InferenceConfig, MaskRCNN, build_model
+from build_tools.verify import read_rgb
+from service.manifest import COCO_CATEGORY_IDS, COCO_CLASSES
+from service.preprocess import InputSpec, prepare_image
+
+ORIGIN = "mmdet"
+LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+
+
+class TrainError(Exception):
+    """A training request that cannot be carried out (bad data folder, missing state to resume);
+    the CLI reports it as a usage error (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that decides a training run; stored in the training state.
+
+    - ``iterations``: optimizer steps in all; ``batch_size`` crops per step.
+    - ``crop``: side of the square training window, pixels of the test-scale (resized) image.
+    - ``lr``: AdamW peak learning rate, reached after ``warmup`` steps by a linear ramp, then
+      following a cosine down to ``lr * final_lr_fraction`` at ``iterations``.
+    - ``clip_norm``: gradients are clipped to this global L2 norm.
+    - ``object_crop_probability``: chance a crop is placed on a random object rather than anywhere.
+    - ``min_visible_fraction``: an object cut by the crop is kept as a target only when at least
+      this fraction of its pixels is inside; smaller pieces are left unlabelled.
+    - ``roi_samples``, ``rpn_samples``: RoIs (anchors) sampled per image for the box and mask (RPN)
+      losses, at most a quarter (half) of them positive. Far fewer than the 512 (256) of a
+      pretrained-backbone schedule: a crop holds one or two objects, and with hundreds of
+      negatives per positive a head trained from scratch settles on "background everywhere".
+    - ``freeze_bn_fraction``: after this fraction of ``iterations`` the BN statistics are measured
+      afresh on ``bn_calibration_batches`` batches and frozen; the rest of the run trains the
+      function the service computes (see :func:`freeze_batch_norm_`); 1 never freezes them.
+    - ``precision``: ``"bf16"`` runs the forward pass in bfloat16 autocast, ``"fp32"`` does not.
+    """
+
+    iterations: int = 1000
+    batch_size: int = 2
+    crop: int = 320
+    lr: float = 4e-4
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    final_lr_fraction: float = 0.02
+    clip_norm: float = 10.0
+    seed: int = 0
+    save_every: int = 50
+    object_crop_probability: float = 0.9
+    min_visible_fraction: float = 0.3
+    roi_samples: int = 32
+    rpn_samples: int = 64
+    freeze_bn_fraction: float = 0.6
+    bn_calibration_batches: int = 30
+    precision: str = "bf16"
+
+    def __post_init__(self) -> None:
+        positive = ("iterations", "batch_size", "crop", "save_every", "roi_samples", "rpn_samples",
+                    "bn_calibration_batches")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.freeze_bn_fraction <= 1.0:
+            raise TrainError(f"freeze_bn_fraction must be in [0, 1], got {self.freeze_bn_fraction}")
+        if not self.lr > 0:
+            raise TrainError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise TrainError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def freeze_bn_iteration(self) -> int:
+        return round(self.freeze_bn_fraction * self.iterations)
+
+    def lr_at(self, iteration: int) -> float:
+        """Learning rate of step ``iteration`` (0-based)."""
+        if iteration < self.warmup:
+            return self.lr * (0.001 + 0.999 * iteration / self.warmup)
+        progress = min((iteration - self.warmup) / max(self.iterations - self.warmup, 1), 1.0)
+        floor = self.lr * self.final_lr_fraction
+        return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Batch:
+    """One training step's input.
+
+    - ``images``: float32 ``[B, 3, crop, crop]``, normalised RGB, zero outside each valid region.
+    - ``image_sizes``: B int64 ``(h, w)`` tensors, the valid region of each crop.
+    - ``targets``: B dicts: ``boxes`` float32 ``[K, 4]`` (x1, y1, x2, y2 in crop pixels, x2 one
+      past the last column), ``labels`` int64 ``[K]`` (internal labels, 1..80), ``masks`` uint8
+      ``[K, crop, crop]``.
+    """
+
+    images: Tensor
+    image_sizes: list[Tensor]
+    targets: list[dict[str, Tensor]]
+
+
+def internal_label_of_category(config: InferenceConfig) -> dict[int, int]:
+    """COCO category id -> the model's internal label (``config.label_to_class`` inverted)."""
+    return {COCO_CATEGORY_IDS[c]: label for label, c in enumerate(config.label_to_class) if c >= 0}
+
+
+def input_spec(config: InferenceConfig) -> InputSpec:
+    """The host preprocessing of ``config``: what the service does to every request image."""
+    return InputSpec(mean=config.mean, std=config.std, resize_scale=config.resize_scale,
+                     pad_divisor=config.pad_divisor)
+
+
+def load_coco(annotation_file: Path) -> COCO:
+    """A pycocotools index of ``annotation_file``, without its chatter on stdout."""
+    if not annotation_file.is_file():
+        raise TrainError(f"annotation file {annotation_file} not found (make data with `maskrcnn-demo data`)")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(annotation_file))
+
+
+def tight_boxes(masks: np.ndarray) -> np.ndarray:
+    """float32 ``[K, 4]`` tight ``x1, y1, x2, y2`` of bool/uint8 ``[K, H, W]`` masks (x2, y2 one
+    past the last set column/row; all zero for an empty mask)."""
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for k, mask in enumerate(masks):
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        if rows.size:
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    return boxes
+
+
+def _window_start(rng: np.random.Generator, low: float, high: float, size: int, crop: int) -> int:
+    """Start of a ``crop``-long window inside ``[0, size)`` that holds ``[low, high)`` when it fits,
+    and lies inside it when it does not."""
+    first, last = (high - crop, low) if high - low <= crop else (low, high - crop)
+    limit = max(size - crop, 0)
+    first, last = int(np.clip(math.ceil(first), 0, limit)), int(np.clip(math.floor(last), 0, limit))
+    return int(rng.integers(first, max(first, last) + 1))
+
+
+class TrainingCrops:
+    """A COCO-layout split as test-scale training crops.
+
+    ``batch(iteration, batch_size)`` is a pure function of ``(seed, iteration)``: resuming a run
+    needs no data-loader state.
+    """
+
+    def __init__(self, data_dir: str | Path, split: str, config: InferenceConfig, settings: TrainSettings):
+        data_dir = Path(data_dir)
+        self.coco = load_coco(data_dir / "annotations" / f"instances_{split}.json")
+        self.image_dir = data_dir / split
+        self.image_ids = sorted(self.coco.getImgIds())
+        if not self.image_ids:
+            raise TrainError(f"{data_dir} split {split!r} has no images")
+        self.spec = input_spec(config)
+        self.label_of = internal_label_of_category(config)
+        self.settings = settings
+
+    def load(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image ``image_id`` at test scale: normalised float32 ``[3, h, w]``, its instance masks
+        uint8 ``[K, h, w]`` (resized nearest-neighbour, as mmdet resizes masks) and internal labels
+        int64 ``[K]``."""
+        info = self.coco.imgs[image_id]
+        prepared = prepare_image(read_rgb(self.image_dir / info["file_name"]), self.spec)
+        h, w = prepared.resized_hw
+        annotations = self.coco.imgToAnns[image_id]
+        masks = np.zeros((len(annotations), h, w), np.uint8)
+        for k, annotation in enumerate(annotations):
+            masks[k] = cv2.resize(self.coco.annToMask(annotation), (w, h), interpolation=cv2.INTER_NEAREST)
+        labels = np.array([self.label_of[a["category_id"]] for a in annotations], np.int64)
+        return prepared.tensor, masks, labels
+
+    def sample(self, rng: np.random.Generator) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One random crop: (image ``[3, crop, crop]``, valid ``(h, w)``, target dict)."""
+        s, crop = self.settings, self.settings.crop
+        image, masks, labels = self.load(self.image_ids[int(rng.integers(len(self.image_ids)))])
+        _, h, w = image.shape
+        boxes = tight_boxes(masks)
+        if len(boxes) and rng.random() < s.object_crop_probability:
+            x1, y1, x2, y2 = boxes[int(rng.integers(len(boxes)))]
+            top, left = _window_start(rng, y1, y2, h, crop), _window_start(rng, x1, x2, w, crop)
+        else:
+            top, left = int(rng.integers(max(h - crop, 0) + 1)), int(rng.integers(max(w - crop, 0) + 1))
+        window = (slice(top, top + crop), slice(left, left + crop))
+        image, cropped = image[:, window[0], window[1]], masks[:, window[0], window[1]]
+        valid_h, valid_w = image.shape[1:]
+        visible = cropped.reshape(len(cropped), -1).sum(axis=1)
+        keep = (visible > 0) & (visible >= s.min_visible_fraction * masks.reshape(len(masks), -1).sum(axis=1))
+        cropped, labels = cropped[keep], labels[keep]
+        if rng.random() < 0.5:
+            image, cropped = image[:, :, ::-1], cropped[:, :, ::-1]
+        padded_image = np.zeros((3, crop, crop), np.float32)
+        padded_image[:, :valid_h, :valid_w] = image
+        padded_masks = np.zeros((len(cropped), crop, crop), np.uint8)
+        padded_masks[:, :valid_h, :valid_w] = cropped
+        target = {
+            "boxes": torch.from_numpy(tight_boxes(padded_masks)),
+            "labels": torch.from_numpy(labels),
+            "masks": torch.from_numpy(padded_masks),
+        }
+        return torch.from_numpy(padded_image), torch.tensor([valid_h, valid_w]), target
+
+    def batch(self, iteration: int, batch_size: int) -> Batch:
+        rng = np.random.default_rng([self.settings.seed, iteration])
+        samples = [self.sample(rng) for _ in range(batch_size)]
+        return Batch(
+            images=torch.stack([image for image, _, _ in samples]),
+            image_sizes=[size for _, size, _ in samples],
+            targets=[target for _, _, target in samples],
+        )
+
+
+def build_training_model(settings: TrainSettings) -> MaskRCNN:
+    """The mmdet-configured Mask R-CNN with trainable ``BatchNorm2d``, seeded by ``settings.seed``,
+    in train mode."""
+    config = InferenceConfig.for_origin(ORIGIN)
+    torch.manual_seed(settings.seed)
+    model = MaskRCNN(config, norm_layer=functools.partial(nn.BatchNorm2d, eps=config.bn_eps))
+    for module in model.modules():
+        if isinstance(module, Bottleneck):
+            # Each residual block starts as the identity: a 50-layer network trains from scratch.
+            nn.init.zeros_(module.bn3.weight)
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = settings.roi_samples
+    model.rpn.fg_bg_sampler.batch_size_per_image = settings.rpn_samples
+    return model.train()
+
+
+def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
+    return [module for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+
+
+def set_training_mode(model: MaskRCNN, bn_frozen: bool) -> None:
+    """Train mode for the losses; with ``bn_frozen`` the BN layers normalise with their running
+    statistics (and stop updating them) while their scale and shift still learn."""
+    model.train()
+    for norm in _batch_norms(model) if bn_frozen else ():
+        norm.eval()
+
+
+def freeze_batch_norm_(model: MaskRCNN, batches: Iterable[Batch]) -> None:
+    """Measure the BN statistics as plain averages over ``batches`` (fp32), then freeze them.
+
+    Why: trained with the statistics of two crops at a time, the network comes to rely on them,
+    and with running statistics instead its RPN ranks large boxes first; the service's
+    ``FrozenBatchNorm2d`` model then finds almost nothing. Training on with frozen statistics
+    makes the training function the served one.
+    """
+    norms = _batch_norms(model)
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model.backbone(batch.images)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    set_training_mode(model, bn_frozen=True)
+
+
+def to_inference_model(model: MaskRCNN) -> MaskRCNN:
+    """The service's model (``FrozenBatchNorm2d``, eval mode) holding ``model``'s weights and BN
+    running statistics; in eval mode both compute the same function."""
+    frozen = build_model(model.config.origin)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    frozen.load_state_dict(state, strict=True)
+    return frozen
+
+
+def training_losses(model: MaskRCNN, batch: Batch, precision: str = "fp32") -> dict[str, Tensor]:
+    """The five Mask R-CNN losses (``LOSS_NAMES``) of ``batch``, through torchvision's training
+    paths of the model's RPN and RoI heads. ``model`` must be in train mode."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        features = model.backbone(batch.images)
+        proposals, rpn_losses = model.rpn(ImageList(batch.images, batch.image_sizes), features, batch.targets)
+        _, head_losses = model.roi_heads(features, proposals, batch.image_sizes, batch.targets)
+    losses = {**rpn_losses, **head_losses}
+    return {name: losses[name].float() for name in LOSS_NAMES}
+
+
+def state_path_for(out: str | Path) -> Path:
+    """Where the training state of a run writing ``out`` lives: ``<out stem>.state.pth``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".state.pth")
+
+
+def save_state(path: Path, model: MaskRCNN, optimizer: torch.optim.Optimizer, iteration: int,
+               settings: TrainSettings, bn_frozen: bool) -> None:
+    """Write the training state atomically (a crash mid-write leaves the previous state)."""
+    partial = path.with_name(path.name + ".part")
+    torch.save({
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "iteration": iteration,
+        "bn_frozen": bn_frozen,
+        "torch_rng": torch.get_rng_state(),
+        "settings": asdict(settings),
+    }, partial)
+    os.replace(partial, path)
+
+
+def load_state(path: Path) -> dict:
+    if not path.is_file():
+        raise TrainError(f"no training state to resume at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM (or a test); the loop saves its state and stops after the current step.
+    A second signal does not wait for the step: it raises ``KeyboardInterrupt``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame=None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@dataclass
+class TrainResult:
+    """``iteration``: steps done so far; ``finished``: the run reached ``settings.iterations``
+    (the mmdet checkpoint was written); ``losses``: mean of each loss and of their ``total`` over
+    the last (up to) 20 steps; ``seconds``: wall time of this call."""
+
+    iteration: int
+    finished: bool
+    losses: dict[str, float]
+    seconds: float
+    settings: TrainSettings
+    stopped_by: int | None = None
+
+
+def train(
+    data_dir: str | Path,
+    out: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    *,
+    resume: bool = False,
+    overrides: dict | None = None,
+    split: str = "train",
+    progress: bool = True,
+    log_every: int = 20,
+    stop: StopRequest | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train on ``split`` of ``data_dir``; write the mmdet checkpoint ``out`` at the end.
+
+    With ``resume``, the model, optimizer, iteration, RNG and settings come from the saved state;
+    ``overrides`` (settings fields) replace saved ones, e.g. a larger ``iterations`` extends a run.
+    ``stop`` (installed as the SIGINT/SIGTERM handler when None) ends the run early with its
+    state saved. ``on_step(iteration, losses)`` is called after every step (iteration 1-based).
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    state_path = state_path_for(out)
+    saved = None
+    if resume:
+        saved = load_state(state_path)
+        settings = TrainSettings(**{f.name: saved["settings"][f.name] for f in fields(TrainSettings)
+                                    if f.name in saved["settings"]})
+    settings = replace(settings, **(overrides or {}))
+    model = build_training_model(settings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    iteration, bn_frozen = 0, False
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        iteration, bn_frozen = int(saved["iteration"]), bool(saved.get("bn_frozen", False))
+    set_training_mode(model, bn_frozen)
+    crops = TrainingCrops(data_dir, split, model.config, settings)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    recent: deque[dict[str, float]] = deque(maxlen=20)
+    stop_request = stop or StopRequest()
+    handlers = contextlib.nullcontext() if stop is not None else stop_request.installed()
+    bar = tqdm(total=settings.iterations, initial=iteration, unit="it", desc="train", disable=not progress)
+    with handlers, bar:
+        while iteration < settings.iterations and stop_request.signum is None:
+            if not bn_frozen and iteration >= settings.freeze_bn_iteration:
+                # The crops of the coming steps: they are trained on anyway.
+                freeze_batch_norm_(model, (crops.batch(iteration + j, settings.batch_size)
+                                           for j in range(settings.bn_calibration_batches)))
+                bn_frozen = True
+                bar.write(f"iter {iteration}: BN statistics measured on {settings.bn_calibration_batches} "
+                          "batches and frozen")
+            lr = settings.lr_at(iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = training_losses(model, crops.batch(iteration, settings.batch_size), settings.precision)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+            optimizer.step()
+            iteration += 1
+
+            values = {name: v.item() for name, v in losses.items()} | {"total": total.item()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise TrainError(f"loss became {values} at iteration {iteration}; lower --lr")
+            recent.append(values)
+            bar.update()
+            bar.set_postfix({name.removeprefix("loss_"): f"{v:.3f}" for name, v in _mean(recent).items()},
+                            refresh=False)
+            if iteration % log_every == 0 or iteration == settings.iterations:
+                mean = _mean(recent)
+                bar.write(f"iter {iteration}/{settings.iterations} lr {lr:.2e} "
+                          + " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in mean.items())
+                          + f" elapsed {time.perf_counter() - started:.0f}s")
+            if on_step is not None:
+                on_step(iteration, values)
+            if iteration % settings.save_every == 0:
+                save_state(state_path, model, optimizer, iteration, settings, bn_frozen)
+        save_state(state_path, model, optimizer, iteration, settings, bn_frozen)
+
+    finished = iteration >= settings.iterations and stop_request.signum is None
+    if finished:
+        save_mmdet_checkpoint(to_inference_model(model), out, meta={
+            "source": "maskrcnn-demo train (scripts/demo_train.py)",
+            "data": str(data_dir),
+            "iterations": iteration,
+            "settings": asdict(settings),
+            "final_losses": _mean(recent),
+            "CLASSES": tuple(name for _, name in COCO_CLASSES),
+        })
+    return TrainResult(iteration, finished, _mean(recent), time.perf_counter() - started, settings,
+                       stop_request.signum)
+
+
+def _mean(recent: Sequence[dict[str, float]]) -> dict[str, float]:
+    if not recent:
+        return {}
+    return {name: sum(r[name] for r in recent) / len(recent) for name in recent[0]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`maskrcnn-demo train`: train the demo model. Returns the exit status."""
+    defaults = TrainSettings()
+    parser = argparse.ArgumentParser(
+        prog="maskrcnn-demo train",
+        description="Train the project's Mask R-CNN R50-FPN (mmdet layout) from scratch on a "
+        "synthetic COCO-layout dataset (`maskrcnn-demo data`) and write an mmdetection checkpoint.",
+    )
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder (COCO layout)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="mmdet checkpoint to write; the training state goes to <stem>.state.pth beside it")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the saved training state; options given here replace the saved ones")
+    # Defaults are None so that --resume can tell which options were given.
+    options = {
+        "iterations": (int, "optimizer steps"),
+        "batch_size": (int, "crops per step"),
+        "crop": (int, "training window side, pixels of the resized (test-scale) image"),
+        "lr": (float, "AdamW peak learning rate"),
+        "warmup": (int, "linear warm-up steps"),
+        "seed": (int, "seed of the initial weights and of the crops"),
+        "save_every": (int, "write the training state every this many steps"),
+        "roi_samples": (int, "RoIs sampled per image for the box and mask losses"),
+        "rpn_samples": (int, "anchors sampled per image for the RPN losses"),
+        "freeze_bn_fraction": (float, "fraction of the iterations after which BN statistics are frozen"),
+        "bn_calibration_batches": (int, "batches the frozen BN statistics are measured on"),
+        "precision": (str, "fp32 or bf16 (autocast forward pass)"),
+    }
+    for name, (kind, help_text) in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                            help=f"{help_text} (default {getattr(defaults, name)})")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a machine "
+                        "busy with other work, where multi-threaded steps stall on preempted threads)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    overrides = {name: getattr(args, name) for name in options if getattr(args, name) is not None}
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        result = train(args.data, args.out, resume=args.resume, overrides=overrides, progress=not args.no_progress)
+    except TrainError as error:
+        parser.error(str(error))
+    losses = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in result.losses.items())
+    if not result.finished:
+        print(f"stopped at iteration {result.iteration}/{result.settings.iterations} ({losses}); "
+              f"training state in {state_path_for(args.out)}; continue with --resume")
+        return 128 + (result.stopped_by or 0)
+    print(f"trained {result.iteration} iterations in {result.seconds:.0f}s; last-20 mean losses: {losses}; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
