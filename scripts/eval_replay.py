@@ -1,0 +1,557 @@
+"""`maskrcnn-eval`: COCO AP of a running service, measured by replaying a COCO-layout dataset.
+
+Every image of ``--ann`` (or the first ``--limit`` by image id) is read from ``--images`` and
+posted as a raw body to ``/predict?format=coco&image_id=ID`` of the ``--url`` services (several
+URLs share the load round-robin), at most ``--concurrency`` requests in flight. The answers are
+COCO results-file entries already; ``--out`` gets them all, in image-id order. pycocotools' bbox
+and segm summaries and the client-side latency percentiles follow, and with
+``--reference-results FILE`` the AP differences against another results file on the same images.
+COCO val2017 works as it is: ``--ann annotations/instances_val2017.json --images val2017/``.
+
+Resuming: each finished image is appended to ``<out>.progress.jsonl`` as one JSON line, flushed and
+fsync'd, before it counts as done; a rerun with the same ``--out`` sends only the images that file
+lacks, so a finished image is never sent again. (An image whose answer had not been recorded when
+the process died is sent again: nothing of it was kept.)
+
+Failures: transport errors and 429/500/502/503/504 answers are retried with exponential backoff
+(Retry-After honoured); an image that still fails, or gets any other error answer, is listed by
+image id, nothing is written to ``--out`` and the exit status is 1. Rerun to retry just those.
+
+``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.demo_eval``'s reference
+writer: the service's own host pre/postprocessing around the model). SOURCE is a checkpoint
+(file or published name) or an engine artifact folder, whose manifest names the checkpoint and
+inference config it was built from. These are the reference results a service run is compared with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
+
+from scripts.perf import PerfError, latency_summary
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+AP_NAMES = STAT_NAMES[:6]
+IOU_TYPES = ("bbox", "segm")
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # the service's per-request deadline
+MAX_TIMEOUT_MS = 3_600_000  # the largest deadline the service accepts
+EXIT_FAILURES = 1
+
+
+class EvalError(Exception):
+    """An evaluation that cannot start as asked; the CLI reports it as a usage error (status 2)."""
+
+
+# --- dataset ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A COCO annotation file, its image folder, and the image ids under evaluation (ascending)."""
+
+    annotations: Path
+    images: Path
+    coco: COCO
+    image_ids: list[int]
+
+    def image_path(self, image_id: int) -> Path:
+        return self.images / self.coco.imgs[image_id]["file_name"]
+
+
+def load_dataset(annotations: Path, images: Path, limit: int | None = None) -> Dataset:
+    """The dataset with its first ``limit`` image ids (all when None), as ``maskrcnn-demo eval`` picks them.
+
+    Raises:
+        EvalError: a missing file or folder, or an unreadable annotation file.
+    """
+    if not annotations.is_file():
+        raise EvalError(f"annotation file {annotations} not found")
+    if not images.is_dir():
+        raise EvalError(f"image folder {images} not found")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(str(annotations))
+    except (OSError, ValueError, KeyError) as error:
+        raise EvalError(f"cannot read COCO annotations {annotations}: {error}") from error
+    image_ids = sorted(coco.getImgIds())
+    return Dataset(annotations, images, coco, image_ids[:limit] if limit else image_ids)
+
+
+def image_content_type(data: bytes) -> str | None:
+    """The Content-Type the service accepts for these image bytes, from their signature; None if unknown."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    return None
+
+
+# --- progress file ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One image's answer: its COCO results entries and the latency of the request that got them."""
+
+    results: list[dict[str, Any]]
+    latency_s: float | None
+
+
+class ProgressLog:
+    """Append-only JSONL of finished images, the only state a rerun needs.
+
+    Line 1 is ``{"run": {...}}`` (what the answers depend on: annotation file, score threshold);
+    every further line is ``{"image_id", "latency_s", "results"}``. A line counts once it ends with
+    a newline: a process killed mid-write leaves a partial last line, which :meth:`load` cuts off.
+    """
+
+    def __init__(self, path: Path, run: dict[str, Any]) -> None:
+        self.path = path
+        self.run = run
+        self._file: io.BufferedWriter | None = None
+
+    @staticmethod
+    def path_for(out: Path) -> Path:
+        return out.with_name(out.name + ".progress.jsonl")
+
+    def load(self) -> dict[int, Finished]:
+        """The images finished by earlier runs (creating the file with its header when absent).
+
+        Raises:
+            EvalError: the file records a different run, or a line other than the last is broken.
+        """
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"run": self.run})
+            return {}
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]
+        if len(complete) < len(data):  # a write cut short by a kill
+            with open(self.path, "r+b") as f:
+                f.truncate(len(complete))
+        lines = complete.splitlines()
+        try:
+            header = json.loads(lines[0])["run"] if lines else None
+        except (ValueError, KeyError, TypeError):
+            header = None
+        if header != self.run:
+            raise EvalError(
+                f"{self.path} records another run ({header}); this one is {self.run}: "
+                "delete the file to start over, or choose another --out"
+            )
+        finished: dict[int, Finished] = {}
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                entry = json.loads(line)
+                finished[int(entry["image_id"])] = Finished(entry["results"], entry.get("latency_s"))
+            except (ValueError, KeyError, TypeError) as error:
+                raise EvalError(f"{self.path} line {number} is broken ({error}); delete the file to start over") from None
+        return finished
+
+    def record(self, image_id: int, finished: Finished) -> None:
+        """Append one finished image durably (flushed and fsync'd before returning)."""
+        self._append({"image_id": image_id, "latency_s": finished.latency_s, "results": finished.results})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        if self._file is None:
+            self._file = open(self.path, "ab")
+        self._file.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` more attempts after the first; waits ``backoff_s * 2**attempt`` (at most
+    ``max_delay_s``), or the answer's Retry-After when it gives one."""
+
+    retries: int = 4
+    backoff_s: float = 0.5
+    max_delay_s: float = 30.0
+
+    def delay_s(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after is not None and retry_after.strip().isdigit():
+            return min(float(retry_after), self.max_delay_s)
+        return min(self.backoff_s * 2**attempt, self.max_delay_s)
+
+
+class ImageFailed(Exception):
+    """An image without an answer after every attempt; the message says why."""
+
+
+def describe_error_answer(response: httpx.Response) -> str:
+    """``HTTP 503 overloaded: message`` from the service's error body (or the raw text)."""
+    try:
+        error = response.json()["error"]
+        return f"HTTP {response.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+@dataclass
+class Replay:
+    """Posts images to the services round-robin, retrying by ``policy``."""
+
+    client: httpx.AsyncClient
+    urls: Sequence[str]
+    params: dict[str, Any]
+    policy: RetryPolicy
+    timeout_s: float
+    _next_url: Iterator[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._next_url = itertools.cycle(self.urls)
+
+    async def predict(self, image_id: int, body: bytes) -> Finished:
+        """The image's COCO results entries (each with ``image_id``).
+
+        Raises:
+            ImageFailed: no valid answer within the retry policy.
+        """
+        content_type = image_content_type(body)
+        if content_type is None:
+            raise ImageFailed("not a JPEG, PNG, WebP or BMP file")
+        headers = {"Content-Type": content_type, TIMEOUT_HEADER: str(min(int(self.timeout_s * 1000), MAX_TIMEOUT_MS))}
+        params = {**self.params, "image_id": image_id}
+        reason = ""
+        for attempt in range(self.policy.retries + 1):
+            url = next(self._next_url)
+            retry_after = None
+            started = time.perf_counter()
+            try:
+                response = await self.client.post(url + "/predict", params=params, content=body, headers=headers)
+            except httpx.TransportError as error:
+                reason = f"{url}: {type(error).__name__}: {error}"
+            else:
+                latency_s = time.perf_counter() - started
+                if response.status_code == 200:
+                    return Finished(self._coco_entries(response, image_id), latency_s)
+                reason = f"{url}: {describe_error_answer(response)}"
+                if response.status_code not in RETRYABLE_STATUSES:
+                    break
+                retry_after = response.headers.get("Retry-After")
+            if attempt < self.policy.retries:
+                await asyncio.sleep(self.policy.delay_s(attempt, retry_after))
+        raise ImageFailed(reason)
+
+    @staticmethod
+    def _coco_entries(response: httpx.Response, image_id: int) -> list[dict[str, Any]]:
+        try:
+            entries = response.json()
+        except ValueError as error:
+            raise ImageFailed(f"the answer is not JSON: {error}") from None
+        if not isinstance(entries, list) or any(
+            not isinstance(e, dict) or e.get("image_id") != image_id for e in entries
+        ):
+            raise ImageFailed(f"the answer is not a list of COCO results for image_id {image_id} "
+                              f"(is the service's format=coco supported?): {response.text[:200]}")
+        return entries
+
+
+@dataclass
+class ReplayOutcome:
+    finished: dict[int, Finished]
+    failures: dict[int, str]
+    sent: int  # images answered in this run
+    wall_s: float
+
+
+async def replay_dataset(
+    dataset: Dataset, urls: Sequence[str], log: ProgressLog, finished: dict[int, Finished], *,
+    concurrency: int, score_threshold: float | None, policy: RetryPolicy, timeout_s: float, progress: bool,
+) -> ReplayOutcome:
+    """Post every image of ``dataset`` not in ``finished`` and record each answer in ``log``."""
+    todo = [i for i in dataset.image_ids if i not in finished]
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for image_id in todo:
+        queue.put_nowait(image_id)
+    failures: dict[int, str] = {}
+    params = {"format": "coco", "masks": "true"}
+    if score_threshold is not None:
+        params["score_threshold"] = score_threshold
+    bar = tqdm(total=len(dataset.image_ids), initial=len(dataset.image_ids) - len(todo), unit="img",
+               desc="eval", disable=not progress)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    started = time.perf_counter()
+    sent = 0
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        replay = Replay(client, urls, params, policy, timeout_s)
+
+        async def worker() -> None:
+            nonlocal sent
+            while not queue.empty():
+                image_id = queue.get_nowait()
+                try:
+                    answer = await replay.predict(image_id, dataset.image_path(image_id).read_bytes())
+                except (ImageFailed, OSError) as error:
+                    failures[image_id] = str(error)
+                else:
+                    log.record(image_id, answer)
+                    finished[image_id] = answer
+                    sent += 1
+                bar.update()
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(todo)))))
+        finally:
+            bar.close()
+    return ReplayOutcome(finished, failures, sent, time.perf_counter() - started)
+
+
+# --- eager reference ----------------------------------------------------------------------------
+
+
+def eager_model(source: str, score_threshold: float | None):
+    """The eager model of ``source``: an engine artifact folder (the model it was built from) or a
+    checkpoint file or published name (its origin's test settings)."""
+    from service.manifest import MANIFEST_NAME, Manifest
+
+    if (Path(source) / MANIFEST_NAME).is_file():
+        from scripts.perf import eager_reference
+
+        return eager_reference(Manifest.load(source), score_threshold)
+    from build_tools.checkpoint import CheckpointError, load_checkpoint
+
+    overrides = {} if score_threshold is None else {"score_thresh": score_threshold}
+    try:
+        return load_checkpoint(source, **overrides).model
+    except (CheckpointError, OSError) as error:
+        raise EvalError(f"cannot load checkpoint {source}: {error}") from error
+
+
+@contextlib.contextmanager
+def split_layout(dataset: Dataset) -> Iterator[tuple[Path, str]]:
+    """``(data_dir, split)`` such that ``data_dir/annotations/instances_<split>.json`` and
+    ``data_dir/<split>/`` are the dataset's files (``scripts.demo_eval``'s layout): the dataset's
+    own folders when they are laid out so, else symbolic links in a temporary folder."""
+    split = dataset.images.name
+    if dataset.annotations.resolve() == (dataset.images.parent / "annotations" / f"instances_{split}.json").resolve():
+        yield dataset.images.parent, split
+        return
+    with tempfile.TemporaryDirectory(prefix="maskrcnn-eval-") as tmp:
+        (Path(tmp) / "annotations").mkdir()
+        (Path(tmp) / "annotations" / "instances_eval.json").symlink_to(dataset.annotations.resolve())
+        (Path(tmp) / "eval").symlink_to(dataset.images.resolve(), target_is_directory=True)
+        yield Path(tmp), "eval"
+
+
+def write_eager_results(source: str, dataset: Dataset, out: Path, *, score_threshold: float | None,
+                        threads: int | None, progress: bool) -> float:
+    """Run the eager model over the dataset's images; write the results JSON. Returns seconds taken."""
+    import torch
+
+    from scripts.demo_eval import write_reference_results
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = eager_model(source, score_threshold)
+    started = time.perf_counter()
+    with split_layout(dataset) as (data_dir, split):
+        write_reference_results(model, data_dir, split, out, limit=len(dataset.image_ids), progress=progress)
+    return time.perf_counter() - started
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def coco_summaries(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[int],
+                   verbose: bool = True) -> dict[str, dict[str, float]]:
+    """pycocotools' twelve summary numbers per IoU type (``{"bbox": {"AP": ..}, "segm": ...}``)
+    of ``results`` on ``image_ids``; prints pycocotools' summaries when ``verbose``.
+
+    Segm is scored without the entries' boxes, so object areas (small/medium/large) are mask
+    areas, as mmdetection scores it; pycocotools would otherwise take the box area.
+    """
+    scores: dict[str, dict[str, float]] = {}
+    for iou_type in IOU_TYPES:
+        if verbose:
+            print(f"--- {iou_type} ---")
+        if not results:
+            if verbose:
+                print("no detections: every AP is 0")
+            scores[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
+            continue
+        entries = [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            evaluator = COCOeval(coco, coco.loadRes(entries), iou_type)
+            evaluator.params.imgIds = list(image_ids)
+            evaluator.evaluate()
+            evaluator.accumulate()
+        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
+            evaluator.summarize()
+        scores[iou_type] = dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
+    return scores
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise EvalError(f"cannot read results file {path}: {error}") from error
+    if not isinstance(results, list):
+        raise EvalError(f"{path} is not a COCO results file (a JSON list)")
+    return results
+
+
+def format_deltas(ours: dict[str, dict[str, float]], reference: dict[str, dict[str, float]], name: str) -> str:
+    lines = [f"AP differences (this run - reference {name}):",
+             f"{'':6}" + "".join(f"{t + ' this':>11}{'ref':>8}{'delta':>9}" for t in IOU_TYPES)]
+    for stat in AP_NAMES:
+        lines.append(f"{stat:6}" + "".join(
+            f"{ours[t][stat]:11.4f}{reference[t][stat]:8.4f}{ours[t][stat] - reference[t][stat]:+9.4f}"
+            for t in IOU_TYPES))
+    return "\n".join(lines)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data))
+    partial.replace(path)
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskrcnn-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ann", type=Path, required=True, help="COCO annotation JSON (instances_*.json)")
+    parser.add_argument("--images", type=Path, required=True, help="folder of the annotation file's images")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="COCO results JSON to write; progress goes to <out>.progress.jsonl beside it")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", action="append", help="service base URL, e.g. http://127.0.0.1:8000; repeat to "
+                        "spread the load round-robin")
+    source.add_argument("--eager", metavar="SOURCE", help="run eager PyTorch instead: a checkpoint (file or published "
+                        "name) or an engine artifact folder (the model it was built from)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N images by image id")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight, over all URLs (default 4)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="keep detections scoring at least this (default: the server's, i.e. its manifest's)")
+    parser.add_argument("--retries", type=int, default=4, help="retries of a failed request (default 4)")
+    parser.add_argument("--backoff", type=float, default=0.5,
+                        help="first retry delay in seconds, doubling per retry, at most 30 (default 0.5)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds per request, also sent as the service's deadline (default 300)")
+    parser.add_argument("--reference-results", type=Path, default=None,
+                        help="another COCO results file (e.g. --eager's) to print AP differences against")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for --eager")
+    parser.add_argument("--json", type=Path, default=None, help="write the scores and latencies as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``maskrcnn-eval``; returns the exit status (1 when images failed)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.retries < 0 or args.timeout <= 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--concurrency and --limit must be >= 1, --retries >= 0 and --timeout > 0")
+    try:
+        dataset = load_dataset(args.ann, args.images, args.limit)
+        reference = read_results(args.reference_results) if args.reference_results else None
+        if args.eager:
+            latencies: list[float] = []
+            wall_s = write_eager_results(args.eager, dataset, args.out, score_threshold=args.score_threshold,
+                                         threads=args.threads, progress=not args.no_progress)
+            results, sent = read_results(args.out), len(dataset.image_ids)
+        else:
+            urls = [u.rstrip("/").removesuffix("/predict") for u in args.url]
+            outcome = replay_service(dataset, urls, args)
+            if outcome.failures:
+                report_failures(outcome.failures, dataset, ProgressLog.path_for(args.out))
+                return EXIT_FAILURES
+            finished = outcome.finished
+            results = [entry for image_id in dataset.image_ids for entry in finished[image_id].results]
+            latencies = [finished[i].latency_s for i in dataset.image_ids if finished[i].latency_s is not None]
+            wall_s, sent = outcome.wall_s, outcome.sent
+            write_json_atomically(args.out, results)
+    except (EvalError, PerfError) as error:
+        parser.error(str(error))
+
+    print(f"{len(dataset.image_ids)} images of {args.ann}: {len(results)} detections written to {args.out}")
+    scores = coco_summaries(dataset.coco, results, dataset.image_ids)
+    report: dict[str, Any] = {"images": len(dataset.image_ids), "detections": len(results), "results": str(args.out),
+                              **scores, "latency_ms": latency_summary(latencies),
+                              "throughput_ips": sent / wall_s if sent and wall_s > 0 else None, "reference": None}
+    if latencies:
+        ms = report["latency_ms"]
+        print(f"latency per image (ms, {len(latencies)} requests): p50 {ms['p50']:.1f}  p90 {ms['p90']:.1f}  "
+              f"p99 {ms['p99']:.1f}  mean {ms['mean']:.1f}  max {ms['max']:.1f}")
+    if report["throughput_ips"] is not None:
+        print(f"throughput: {report['throughput_ips']:.3f} images/s ({sent} images in {wall_s:.1f} s)")
+    if reference is not None:
+        evaluated = set(dataset.image_ids)
+        reference_scores = coco_summaries(dataset.coco, [r for r in reference if r.get("image_id") in evaluated],
+                                          dataset.image_ids, verbose=False)
+        print(format_deltas(scores, reference_scores, str(args.reference_results)))
+        report["reference"] = {"file": str(args.reference_results), **reference_scores}
+    if args.json:
+        write_json_atomically(args.json, report)
+    return 0
+
+
+def replay_service(dataset: Dataset, urls: list[str], args: argparse.Namespace) -> ReplayOutcome:
+    """Resume from the progress file and post the rest; a Ctrl-C keeps everything recorded so far."""
+    log = ProgressLog(ProgressLog.path_for(args.out),
+                      {"annotations": str(dataset.annotations.resolve()), "score_threshold": args.score_threshold})
+    finished = log.load()
+    done = sum(1 for i in dataset.image_ids if i in finished)
+    if done:
+        print(f"resuming: {done} of {len(dataset.image_ids)} images already answered ({log.path})", file=sys.stderr)
+    try:
+        return asyncio.run(replay_dataset(
+            dataset, urls, log, finished, concurrency=args.concurrency, score_threshold=args.score_threshold,
+            policy=RetryPolicy(args.retries, args.backoff), timeout_s=args.timeout, progress=not args.no_progress,
+        ))
+    except KeyboardInterrupt:
+        print(f"interrupted; the answers so far are kept in {log.path}: rerun the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    finally:
+        log.close()
+
+
+def report_failures(failures: dict[int, str], dataset: Dataset, progress_path: Path) -> None:
+    ids = sorted(failures)
+    print(f"{len(ids)} of {len(dataset.image_ids)} images failed; no results file written. "
+          f"Failed image ids: {', '.join(map(str, ids))}", file=sys.stderr)
+    for image_id in ids:
+        print(f"  image {image_id} ({dataset.coco.imgs[image_id]['file_name']}): {failures[image_id]}", file=sys.stderr)
+    print(f"the answered images are kept in {progress_path}; rerun the same command to retry the failed ones",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
