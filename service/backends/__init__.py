@@ -19,6 +19,8 @@ from service.manifest import Manifest
 _MODULES = {
     "onnxruntime": "service.backends.onnxruntime",
     "openvino": "service.backends.openvino",
+    "tensorrt": "service.backends.tensorrt",
+    "magicmind": "service.backends.magicmind",
 }
 
 
