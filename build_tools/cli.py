@@ -1,6 +1,9 @@
 """``maskrcnn-build``: checkpoint -> ONNX -> verified engine artifact.
 
 Subcommands: ``export``, ``compile``, ``verify``, ``all`` (export + compile + verify in one call).
+``compile`` and ``all`` build one artifact per ``--precision`` given (``OUT/<backend>-<precision>``
+when several) and print a precision report: AP points lost against the eager fp32 reference and
+seconds per image of the engine and of eager PyTorch on the verify images.
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ from pathlib import Path
 from build_tools.checkpoint import KNOWN_CHECKPOINTS, CheckpointError
 from build_tools.export import ExportError
 from build_tools.pipeline import (
+    AUTO_BACKEND,
+    BACKEND_CHOICE,
     BuildError,
     compile_step,
     export_step,
     input_spec_of,
     reload_reference,
+    resolve_backend,
     sample_photographs,
 )
 from build_tools.verify import Tolerance, check_tolerance, list_images, verify
-from service.backends import BackendUnavailable, backend_names, load_engine
-from service.backends.base import PRECISION_ALIASES, PRECISIONS, UnsupportedPrecision
+from service.backends import BackendUnavailable, backend_names, canonical_precision, load_engine
+from service.backends.base import PRECISION_ALIASES, UnsupportedPrecision
 from service.manifest import Manifest, ManifestError
 
 
@@ -38,20 +44,45 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                    help="test settings for --random-init (a checkpoint's own format decides otherwise)")
     p.add_argument("--batch-size", "--batch_size", type=int, default=1, help="fixed batch size of the graph (default 1)")
     p.add_argument("--shape-mutable", "--shape_mutable", action="store_true",
-                   help="dynamic batch dimension (refused: the traced graph has a fixed batch)")
+                   help="dynamic batch dimension: one engine runs batches of 1..--batch-size (the largest "
+                        "batch, >= 2), each image's result the same as alone")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="detection score threshold baked into the graph (default: the origin's, 0.05)")
 
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=backend_names())
-    precisions = [*PRECISIONS, *PRECISION_ALIASES]
-    p.add_argument("--precision", default="fp32", choices=precisions, help="fp32 (default), int8, ... or the seed's aliases")
+    p.add_argument("--backend", default="onnxruntime", choices=[*backend_names(), AUTO_BACKEND],
+                   help="engine backend (default onnxruntime); auto: the one measured fastest for each precision on "
+                        "this kind of CPU, from --backend-choice")
+    p.add_argument("--backend-choice", default=str(BACKEND_CHOICE), metavar="JSON",
+                   help="the table --backend auto reads (default build_tools/backend_choice.json, written by "
+                        "scripts/bench_build.py --write-choice)")
+    p.add_argument("--precision", action="append", type=_precision_list, default=None, metavar="P[,P...]",
+                   help=f"fp32 (default), bf16, int8, ... or the seed's aliases ({', '.join(PRECISION_ALIASES)}); "
+                        "repeat or give a comma list to build one artifact per precision, in OUT/<backend>-<precision>")
     p.add_argument("--calib-images", help="folder of real images for int8 calibration")
     p.add_argument("--calib-count", type=int, default=16, help="calibration images to use (default 16)")
     _add_verify_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against eager PyTorch")
     p.add_argument("--allow-parity-failure", action="store_true", help="emit the engine even if it misses its tolerance")
+
+
+def _precision_list(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("empty precision list")
+    for name in names:
+        try:
+            canonical_precision(name)
+        except UnsupportedPrecision as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return names
+
+
+def _precisions(args: argparse.Namespace) -> list[str]:
+    """The canonical precisions asked for, in order, each once (default fp32)."""
+    names = [n for group in (args.precision or [["fp32"]]) for n in group]
+    return list(dict.fromkeys(canonical_precision(n) for n in names))
 
 
 def _add_verify_args(p: argparse.ArgumentParser) -> None:
@@ -81,28 +112,30 @@ def _export(args: argparse.Namespace, out: Path) -> Path:
     )
 
 
-def _compile(args: argparse.Namespace, export_dir: Path) -> Manifest:
-    from service.backends import canonical_precision
-
+def _compile(args: argparse.Namespace, export_dir: Path, precision: str, out: Path) -> Manifest:
     return compile_step(
         export_dir,
-        Path(args.out),
+        out,
         backend=args.backend,
-        precision=args.precision,
+        precision=precision,
         calib_images=args.calib_images,
         calib_count=args.calib_count,
         verify_images=args.verify_images,
         verify_count=args.verify_count,
         run_verify=not args.no_verify,
-        tolerance=_tolerance(args, canonical_precision(args.precision)),
+        tolerance=_tolerance(args, precision),
         allow_parity_failure=args.allow_parity_failure,
         threads=args.threads,
+        choice_table=args.backend_choice,
     )
 
 
-def _summary(manifest: Manifest, out: str) -> str:
+def _summary(manifest: Manifest, out: str | Path) -> str:
     lines = [f"engine artifact: {out}", f"  backend {manifest.backend}, precision {manifest.precision}, "
              f"batch {manifest.shape_profile['batch']}, origin {manifest.origin}"]
+    choice = manifest.tools.get("backend_choice")
+    if choice:
+        lines.append(f"  backend auto -> {choice['chosen']}: {choice['why']}")
     if manifest.parity:
         p = manifest.parity
         lines.append(
@@ -110,10 +143,94 @@ def _summary(manifest: Manifest, out: str) -> str:
             f"mask IoU {p['mask_iou_mean']:.4f}, box AP {p['box_ap']:.4f}, mask AP {p['mask_ap']:.4f} "
             f"({'passed' if p['passed'] else 'FAILED: ' + '; '.join(p['failures'])})"
         )
-        lines.append(f"  time per image: eager {p['eager_seconds_per_image']:.3f} s, engine "
-                     f"{p['engine_seconds_per_image']:.3f} s "
-                     f"({p['engine_seconds_per_image'] / max(p['eager_seconds_per_image'], 1e-9):.2f}x eager)")
     return "\n".join(lines)
+
+
+def _points(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _report_facts(manifest: Manifest | None) -> dict | None:
+    """AP deltas and times of a built artifact's verify report (None when it was not verified)."""
+    p = manifest.parity if manifest is not None else None
+    if not p or "timing" not in p:
+        return None
+    t, d = p["timing"], p.get("ap_delta_points") or {}
+    return {"box": d.get("box"), "mask": d.get("mask"), "engine": t["engine_s_per_image"],
+            "eager": t["eager_s_per_image"], "speedup": t["eager_s_per_image"] / max(t["engine_s_per_image"], 1e-12),
+            "passed": p.get("passed", True)}
+
+
+def _report_header(manifests: list[Manifest | None]) -> str:
+    timed = [m.parity["timing"] for m in manifests if m is not None and m.parity and "timing" in m.parity]
+    if not timed:
+        return "precision report: not verified (--no-verify), so no AP delta and no timing"
+    t = timed[0]
+    return (f"precision report (timing from verify: median s/image over only {t['images']} verify image(s), so "
+            f"indicative; engine = infer only, eager PyTorch with {t['threads']} threads = engine threads; "
+            f"scripts/bench_build.py times a fixed 800x1333 input)\n"
+            f"  AP delta = AP points lost against eager PyTorch fp32: 100 x (1 - AP) of the engine's detections "
+            f"scored against the reference's own")
+
+
+def _report_line(backend: str, precision: str, manifest: Manifest | None, error: str | None = None) -> str:
+    name = f"{backend} {precision}"
+    if error is not None:
+        return f"report: {name}: FAILED: {error}"
+    facts = _report_facts(manifest)
+    if facts is None:
+        return f"report: {name}: not verified, no AP delta or timing"
+    return (f"report: {name}: AP delta vs fp32 reference box {_points(facts['box'])}, mask {_points(facts['mask'])} "
+            f"points; engine {facts['engine']:.3f} s/img, eager {facts['eager']:.3f} s/img, "
+            f"speedup {facts['speedup']:.2f}x" + ("" if facts["passed"] else " (parity FAILED)"))
+
+
+def _report_table(rows: list[tuple[str, str, Path, Manifest | None, str | None]]) -> str:
+    lines = [f"{'backend':12s} {'precision':9s} {'box dAP':>7s} {'mask dAP':>8s} {'engine s/img':>12s} "
+             f"{'eager s/img':>11s} {'speedup':>7s}  {'status':12s} artifact"]
+    for backend, precision, out, manifest, error in rows:
+        facts = _report_facts(manifest)
+        if error is not None or facts is None:
+            status = "FAILED" if error is not None else "built"
+            cells = f"{'-':>7s} {'-':>8s} {'-':>12s} {'-':>11s} {'-':>7s}"
+        else:
+            status = "ok" if facts["passed"] else "parity-failed"
+            cells = (f"{_points(facts['box']):>7s} {_points(facts['mask']):>8s} {facts['engine']:12.3f} "
+                     f"{facts['eager']:11.3f} {facts['speedup']:6.2f}x")
+        lines.append(f"{backend:12s} {precision:9s} {cells}  {status:12s} {out if error is None else '-'}")
+    return "\n".join(lines)
+
+
+def _build(args: argparse.Namespace, export_dir: Path) -> int:
+    """Compile one artifact per precision asked for and print the precision report."""
+    precisions = _precisions(args)
+    several = len(precisions) > 1
+    rows = []
+    for precision in precisions:
+        backend = args.backend
+        try:
+            backend, choice = resolve_backend(args.backend, precision, args.backend_choice)
+            out = Path(args.out) / f"{backend}-{precision}" if several else Path(args.out)
+            how = f" (--backend auto: {choice['why']})" if choice else ""
+            print(f"compiling for {backend} {precision}{how} -> {out} ...", file=sys.stderr)
+            manifest = _compile(args, export_dir, precision, out)
+        except (BuildError, BackendUnavailable, UnsupportedPrecision, FileNotFoundError) as exc:
+            if not several:
+                raise
+            print(f"maskrcnn-build: error: {backend} {precision}: {exc}", file=sys.stderr)
+            rows.append((backend, precision, Path(args.out), None, str(exc)))
+            print(_report_line(backend, precision, None, str(exc)))
+            continue
+        rows.append((manifest.backend, precision, out, manifest, None))
+        print(_summary(manifest, out))
+        if not several:
+            print(_report_header([manifest]))
+        print(_report_line(manifest.backend, precision, manifest))
+    if several:
+        print()
+        print(_report_header([r[3] for r in rows]))
+        print(_report_table(rows))
+    return 2 if any(r[4] is not None for r in rows) else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -123,19 +240,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    manifest = _compile(args, Path(args.export_dir))
-    print(_summary(manifest, args.out))
-    return 0
+    return _build(args, Path(args.export_dir))
 
 
 def cmd_all(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="maskrcnn-export-") as tmp:
         print("exporting ONNX ...", file=sys.stderr)
         export_dir = _export(args, Path(tmp))
-        print(f"compiling for {args.backend} {args.precision} ...", file=sys.stderr)
-        manifest = _compile(args, export_dir)
-    print(_summary(manifest, args.out))
-    return 0
+        return _build(args, export_dir)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -168,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="ONNX folder -> verified engine artifact")
     c.add_argument("export_dir", help="folder written by `maskrcnn-build export`")
-    c.add_argument("--out", required=True, help="artifact folder to write")
+    c.add_argument("--out", required=True, help="artifact folder to write (the parent of one per precision when several)")
     _add_compile_args(c)
     c.set_defaults(func=cmd_compile)
 
@@ -180,7 +292,7 @@ def parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("all", help="checkpoint -> verified engine artifact in one call")
     _add_source_args(a)
-    a.add_argument("--out", required=True, help="artifact folder to write")
+    a.add_argument("--out", required=True, help="artifact folder to write (the parent of one per precision when several)")
     _add_compile_args(a)
     a.set_defaults(func=cmd_all)
     return p

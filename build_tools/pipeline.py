@@ -20,7 +20,7 @@ import numpy as np
 from build_tools.checkpoint import LoadedCheckpoint, load_checkpoint, sha256_of
 from build_tools.export import INPUT_NAMES, MASK_SIZE, OPSET, OUTPUT_NAMES, export_onnx
 from build_tools.verify import Tolerance, check_tolerance, list_images, read_rgb, verify
-from service.backends import canonical_precision, get_backend, load_engine
+from service.backends import BackendUnavailable, backend_names, canonical_precision, get_backend, load_engine
 from service.manifest import Manifest, coco_class_table
 from service.preprocess import InputSpec, pad_batch, prepare_image
 
@@ -148,7 +148,9 @@ def build_manifest(info: dict, backend: str, precision: str, model_file: str, ba
         input={**spec.to_manifest_input(), "names": list(INPUT_NAMES),
                "image_sizes": "int64 [B, 2]: (h, w) of each image's valid region"},
         shape_profile={
-            "batch": {"mutable": False, "size": info["batch_size"]},
+            # a mutable graph runs any batch; batch_size was given as the largest one to serve
+            "batch": ({"mutable": True, "min": 1, "max": info["batch_size"]} if info.get("shape_mutable")
+                      else {"mutable": False, "size": info["batch_size"]}),
             "min_hw": [div, div],
             "opt_hw": [round_up(short_edge), round_up(long_edge)],
             "max_hw": [round_up(long_edge), round_up(long_edge)],
@@ -185,10 +187,15 @@ def compile_step(
     allow_parity_failure: bool = False,
     threads: int | None = None,
     progress: bool = True,
+    choice_table: str | Path | None = None,
 ) -> Manifest:
-    """ONNX export folder -> verified engine artifact in ``out_dir``; returns its manifest."""
+    """ONNX export folder -> verified engine artifact in ``out_dir``; returns its manifest.
+
+    ``backend="auto"`` picks the backend measured fastest for ``precision`` in ``choice_table``
+    (default ``build_tools/backend_choice.json``); the manifest's ``tools.backend_choice`` says why."""
     precision = canonical_precision(precision)
     info = read_export_info(export_dir)
+    backend, choice = resolve_backend(backend, precision, choice_table)
     engine_backend = get_backend(backend)
     ok, reason = engine_backend.available()
     if not ok:
@@ -209,6 +216,8 @@ def compile_step(
         calibration = calibration_feeds(calib_paths, spec, info["batch_size"])
     model_file, facts = engine_backend.compile(Path(export_dir) / "model.onnx", staging, precision, calibration)
     manifest = build_manifest(info, backend, precision, model_file, facts)
+    if choice is not None:
+        manifest.tools["backend_choice"] = choice
     if calib_paths:
         manifest.calibration = {"images": len(calib_paths), "sha256": image_set_hash(calib_paths),
                                 "folder": str(calib_images)}
@@ -218,7 +227,8 @@ def compile_step(
         paths = list_images(verify_images, verify_count) if verify_images else sample_photographs(verify_count)
         reference = reload_reference(info)
         engine = load_engine(staging, threads=threads)
-        report = verify(reference.model, engine, paths, spec, mask_threshold=config["mask_threshold"], progress=progress)
+        report = verify(reference.model, engine, paths, spec, mask_threshold=config["mask_threshold"], progress=progress,
+                        threads=threads)
         tolerance = tolerance or Tolerance.for_precision(precision)
         failures = check_tolerance(report, tolerance)
         manifest.parity = {**report, "tolerance": asdict(tolerance), "passed": not failures, "failures": failures}
@@ -232,3 +242,102 @@ def compile_step(
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return manifest
+
+
+# ---- --backend auto: the backend measured fastest per precision on this kind of CPU ----------------
+
+AUTO_BACKEND = "auto"
+BACKEND_CHOICE = Path(__file__).with_name("backend_choice.json")
+# CPU features that decide which backend's kernels are fast (VNNI/AMX for int8, BF16/AMX for bf16).
+_CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_facts() -> dict:
+    """The facts about this CPU that make a backend measurement transferable to another machine."""
+    import os
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's lines
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"model": model, "machine": platform.machine(), "cores": cores,
+            "flags": [f for f in _CPU_FLAGS if f in flags]}
+
+
+def same_cpu_kind(a: dict, b: dict) -> bool:
+    """Same CPU model and the same relevant instruction sets (core counts may differ)."""
+    return (a.get("model"), a.get("machine"), sorted(a.get("flags", []))) == (
+        b.get("model"), b.get("machine"), sorted(b.get("flags", [])))
+
+
+def load_backend_choice(path: str | Path | None = None) -> dict:
+    path = Path(path or BACKEND_CHOICE)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BuildError(
+            f"--backend auto reads {path}, which cannot be read ({exc}); write it with "
+            "`python -m scripts.bench_build --export DIR --write-choice PATH` or name a backend"
+        ) from exc
+    if not isinstance(table.get("choice"), dict):
+        raise BuildError(f"{path} has no \"choice\" table; regenerate it with scripts/bench_build.py --write-choice")
+    return table
+
+
+def resolve_backend(requested: str, precision: str, table_path: str | Path | None = None) -> tuple[str, dict | None]:
+    """(backend name, resolution record or None) for ``requested``, which may be ``auto``.
+
+    ``auto`` takes the table's choice for ``precision``; when that backend is not installed (or
+    does not offer the precision) it falls back to the next one in the table's ranking, then in
+    the registry, that is available and offers it."""
+    if requested != AUTO_BACKEND:
+        return requested, None
+    precision = canonical_precision(precision)
+    path = Path(table_path or BACKEND_CHOICE)
+    table = load_backend_choice(path)
+    entry = table["choice"].get(precision)
+    order = [*([entry["backend"], *entry.get("ranking", [])] if entry else []), *backend_names()]
+    passed_over: list[str] = []
+    chosen = None
+    for name in dict.fromkeys(order):
+        try:
+            module = get_backend(name)
+        except BackendUnavailable:
+            passed_over.append(f"{name} is not a known backend")
+            continue
+        if precision not in module.PRECISIONS:
+            passed_over.append(f"{name} does not offer {precision}")
+            continue
+        ok, reason = module.available()
+        if not ok:
+            passed_over.append(f"{name} is not available ({reason})")
+            continue
+        chosen = name
+        break
+    if chosen is None:
+        raise BuildError(f"--backend auto: no available backend offers {precision} ({'; '.join(passed_over)})")
+    if entry and chosen == entry["backend"]:
+        why = entry.get("why", "")
+    elif entry:
+        why = (f"the table chose {entry['backend']} ({entry.get('why', '')}), but {'; '.join(passed_over)}: "
+               f"fell back to {chosen}, the next available backend offering {precision}")
+    else:
+        why = (f"{path.name} has no measurement for {precision}; {chosen} is the first available backend "
+               f"offering it" + (f" ({'; '.join(passed_over)})" if passed_over else ""))
+    measured = table.get("measured", {})
+    here = cpu_facts()
+    record = {
+        "requested": AUTO_BACKEND,
+        "chosen": chosen,
+        "why": why,
+        "table": str(path),
+        "measured": {k: measured.get(k) for k in ("quality", "date", "cpu")},
+        "same_cpu_kind": same_cpu_kind(measured.get("cpu", {}), here),
+    }
+    return chosen, record

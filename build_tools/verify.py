@@ -10,15 +10,24 @@ same host postprocess the service uses:
 - ``score_abs_diff`` mean/max over matched pairs; ``mask_iou`` mean/min over matched pairs (full
   resolution, pasted masks);
 - ``box_ap`` / ``mask_ap``: COCO AP (and AP50) of the engine's detections scored against the
-  reference's own detections taken as ground truth (1.0 = the engine reproduces the reference).
+  reference's own detections taken as ground truth (1.0 = the engine reproduces the reference);
+  ``ap_delta_points``: the same as AP points lost against the eager fp32 reference,
+  ``{"box": 100 * (1 - box_ap), "mask": 100 * (1 - mask_ap)}``;
+- ``timing``: median seconds per image of eager PyTorch and of the engine on the same prepared
+  inputs (engine: ``infer`` alone, and with the host postprocess), eager PyTorch running with as
+  many torch threads as the engine has (one warm-up batch each when fewer than 3); ``ratio_to_eager`` =
+  engine / eager. The verify set is a few images of varied sizes, so these are indicative;
+  ``scripts/bench_build.py`` times engines at a fixed input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,6 +186,78 @@ def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections
     return out
 
 
+Infer = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def eager_infer(model: MaskRCNN) -> Infer:
+    """``model`` behind the engine's ``infer`` signature."""
+    return lambda images, sizes: run_eager(model, images, sizes)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run torch with ``threads`` intra-op threads inside the block (unchanged when None)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def engine_threads(engine: Engine, threads: int | None = None) -> int:
+    """The threads an engine computes with: the requested number, the engine's own, or all cores."""
+    from service.backends.onnxruntime import default_threads
+
+    return int(threads or getattr(engine, "threads", None) or default_threads())
+
+
+def run_detections(
+    infer: Infer,
+    prepared: Sequence[PreparedImage],
+    *,
+    batch_size: int,
+    divisor: int,
+    mask_threshold: float = 0.5,
+    warmup: int = 1,
+    progress=None,
+) -> tuple[list[ImageDetections], dict[str, list[float]]]:
+    """Detections of ``infer`` on ``prepared`` after the host postprocess, and per-image seconds
+    (``infer``, ``postprocess``: one value per batch, divided by the images in it). ``warmup``
+    untimed runs of the first batch come first."""
+    chunks = list(batches(prepared, batch_size, divisor))
+    for _ in range(warmup if chunks else 0):
+        infer(chunks[0][1], chunks[0][2])
+    detections: list[ImageDetections] = []
+    times: dict[str, list[float]] = {"infer": [], "postprocess": []}
+    for chunk, images, sizes in chunks:
+        t0 = time.perf_counter()
+        out = infer(images, sizes)
+        t1 = time.perf_counter()
+        detections.extend(to_detections(out, i, item, mask_threshold) for i, item in enumerate(chunk))
+        t2 = time.perf_counter()
+        times["infer"].append((t1 - t0) / len(chunk))
+        times["postprocess"].append((t2 - t1) / len(chunk))
+        if progress is not None:
+            progress.update(len(chunk))
+    return detections, times
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def ap_delta_points(ap: dict) -> dict[str, float | None]:
+    """AP points lost against the reference: ``100 * (1 - AP)`` for box and mask (None when the
+    reference made no detections, so AP is undefined)."""
+    return {key: _finite_or_none(100.0 * (1.0 - ap[f"{key}_ap"])) for key in ("box", "mask")}
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
 def verify(
     model: MaskRCNN,
     engine: Engine,
@@ -185,30 +266,36 @@ def verify(
     *,
     mask_threshold: float = 0.5,
     progress: bool = True,
+    threads: int | None = None,
+    warmup: int | None = None,
 ) -> dict:
-    """Run reference and engine on ``image_paths``; return the parity report (a JSON-able dict)."""
+    """Run reference and engine on ``image_paths``; return the parity report (a JSON-able dict).
+
+    Eager PyTorch runs with ``threads`` torch threads (default: the engine's threads), so the
+    timing compares like with like; ``warmup`` untimed batches precede each side's timed pass
+    (default: one when there are fewer than 3 batches, none otherwise, as the median of 3 or more
+    already discounts a slow first call)."""
     prepared = [prepare_image(read_rgb(p), spec) for p in image_paths]
     batch_size = engine.batch_size or 1
-    refs, engs = [], []
-    eager_s = engine_s = 0.0
-    bar = tqdm(total=len(prepared), desc="verify", unit="img", disable=not progress)
-    for chunk, images, sizes in batches(prepared, batch_size, spec.pad_divisor):
-        t0 = time.perf_counter()
-        ref_out = run_eager(model, images, sizes)
-        t1 = time.perf_counter()
-        eng_out = engine.infer(images, sizes)
-        t2 = time.perf_counter()
-        eager_s, engine_s = eager_s + t1 - t0, engine_s + t2 - t1
-        for i, item in enumerate(chunk):
-            refs.append(to_detections(ref_out, i, item, mask_threshold))
-            engs.append(to_detections(eng_out, i, item, mask_threshold))
-        bar.update(len(chunk))
+    if warmup is None:
+        warmup = 1 if -(-len(prepared) // batch_size) < 3 else 0
+    threads = engine_threads(engine, threads)
+    common = {"batch_size": batch_size, "divisor": spec.pad_divisor, "mask_threshold": mask_threshold,
+              "warmup": warmup}
+    bar = tqdm(total=2 * len(prepared), desc="verify (eager, engine)", unit="img", disable=not progress)
+    with torch_threads(threads):
+        refs, eager_t = run_detections(eager_infer(model), prepared, progress=bar, **common)
+    engs, engine_t = run_detections(engine.infer, prepared, progress=bar, **common)
     bar.close()
 
     comparisons = [compare_image(r, e) for r, e in zip(refs, engs)]
     total = sum(c.reference_count for c in comparisons)
     scores = [d for c in comparisons for d in c.score_diffs]
     ious = [v for c in comparisons for v in c.mask_ious]
+    ap = ap_against_reference(refs, engs)
+    eager_s = _median(eager_t["infer"])
+    engine_s = _median(engine_t["infer"])
+    n = max(len(eager_t["infer"]), 1)
     report = {
         "images": [str(Path(p).name) for p in image_paths],
         "reference_detections": total,
@@ -219,9 +306,25 @@ def verify(
         "score_abs_diff_max": float(np.max(scores)) if scores else 0.0,
         "mask_iou_mean": float(np.mean(ious)) if ious else 1.0,
         "mask_iou_min": float(np.min(ious)) if ious else 1.0,
-        **ap_against_reference(refs, engs),
-        "eager_seconds_per_image": eager_s / max(len(prepared), 1),
-        "engine_seconds_per_image": engine_s / max(len(prepared), 1),
+        **ap,
+        "ap_delta_points": ap_delta_points(ap),
+        # means over the timed batches (kept for older readers; ``timing`` holds the medians)
+        "eager_seconds_per_image": float(sum(eager_t["infer"]) / n),
+        "engine_seconds_per_image": float(sum(engine_t["infer"]) / n),
+        "timing": {
+            "eager_s_per_image": eager_s,
+            "engine_s_per_image": engine_s,
+            "engine_postprocess_s_per_image": _median(engine_t["postprocess"]),
+            "engine_with_postprocess_s_per_image": _median(
+                [a + b for a, b in zip(engine_t["infer"], engine_t["postprocess"])]),
+            "ratio_to_eager": engine_s / eager_s if eager_s > 0 else float("nan"),
+            "images": len(prepared),
+            "batch_size": batch_size,
+            "threads": threads,
+            "warmup_batches": warmup,
+            "statistic": "median per image over the verify images (few, of varied sizes); eager PyTorch and "
+                         "engine on the same prepared inputs, engine = infer only unless named otherwise",
+        },
     }
     return report
 

@@ -1,22 +1,42 @@
-"""Engine speed against eager PyTorch, measured in one run on the same image.
+"""Engine speed (and optionally AP) against eager PyTorch, measured in one run on the same image.
 
 Rows: eager PyTorch (this project's model, the engines' own reference), torchvision's stock ONNX
-export run by ONNX Runtime (full-image masks pasted inside the graph), and each given engine
-artifact. Every row includes its host work (preprocess and the host postprocess: box rescale, mask
-paste, RLE), so the ratios compare what a request costs. Ratios are to eager in the same run.
+export run by ONNX Runtime (full-image masks pasted inside the graph), each given engine artifact,
+and, with ``--export DIR``, one engine per backend and precision compiled from that export folder
+(``maskrcnn-build export``) into a cache (``--artifacts``; reused when present). Every row includes
+its host work (preprocess and the host postprocess: box rescale, mask paste, RLE), so the ratios
+compare what a request costs; ``infer s`` is the engine call alone. The image is resized to a fixed
+800x1333 input first (``--size``). Ratios are to eager PyTorch in the same run, never to goals.
+
+With ``--ap-images DIR`` every engine also runs on those images and its box/mask AP is scored
+against the eager fp32 reference's detections (build_tools/verify.py): ``dAP`` = AP points lost.
+``--write-choice PATH`` writes the table ``maskrcnn-build --backend auto`` reads: per precision,
+the fastest backend among those within the precision's AP bound (when AP was measured).
 
     python -m scripts.bench_build --engine artifacts/fp32 --engine artifacts/int8 [--image IMG]
+    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
+        --precisions fp32,bf16,int8 --calib-images DIR --ap-images DIR \\
+        --write-choice build_tools/backend_choice.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+# Largest AP loss (points, box and mask) against the fp32 reference that a reduced precision may
+# cost for its backend to be chosen by --write-choice, when AP was measured on trained weights.
+# fp32 engines have none here: compile's verify holds them to eager PyTorch already.
+AP_BOUNDS = {"fp16": 0.3, "bf16": 0.3, "int8": 1.0}
 
 
 def _time(fn, iterations: int, warmup: int) -> list[float]:
@@ -28,6 +48,18 @@ def _time(fn, iterations: int, warmup: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _time_segments(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
+    """``fn()`` returns (total seconds, infer seconds) of one request; lists of both."""
+    for _ in range(warmup):
+        fn()
+    totals, infers = [], []
+    for _ in range(iterations):
+        total, infer = fn()
+        totals.append(total)
+        infers.append(infer)
+    return totals, infers
 
 
 def _stock_torchvision_onnx(cache: Path, hw: tuple[int, int]) -> Path:
@@ -47,25 +79,128 @@ def _stock_torchvision_onnx(cache: Path, hw: tuple[int, int]) -> Path:
     return path
 
 
+def _csv(text: str) -> list[str]:
+    return list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+
+
+def _size(text: str) -> tuple[int, int] | None:
+    if text == "native":
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--size is HxW (e.g. 800x1333) or native, not {text!r}") from exc
+    return h, w
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _compiled_artifact(export: Path, info: dict, backend: str, precision: str, args, threads: int) -> Path:
+    """The artifact of ``export`` for ``backend``/``precision`` in the cache, compiled (unverified) if missing."""
+    from build_tools.pipeline import compile_step, image_set_hash
+    from build_tools.verify import list_images
+
+    name = f"{backend}-{precision}"
+    if precision == "int8":
+        calib = list_images(args.calib_images, args.calib_count)
+        name += f"-calib{len(calib)}-{image_set_hash(calib)[:8]}"
+    shape = f"mut{info['batch_size']}" if info.get("shape_mutable") else f"b{info['batch_size']}"
+    folder = Path(args.artifacts) / f"{info['onnx_sha256'][:16]}-{shape}" / name
+    if not (folder / "manifest.json").is_file():
+        compile_step(export, folder, backend=backend, precision=precision, calib_images=args.calib_images,
+                     calib_count=args.calib_count, run_verify=False, threads=threads, progress=False)
+    return folder
+
+
+def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True) -> tuple[dict, list[str]]:
+    """Per precision, the fastest backend among the rows within the precision's AP bound (all
+    measured rows when AP was not measured or ``use_ap`` is false); (choice table, notes on what
+    was left out)."""
+    choice, notes = {}, []
+    for precision in precisions:
+        measured = [r for r in rows if r["precision"] == precision and r.get("median_s") is not None
+                    and r.get("kind") == "engine"]
+        best: dict[str, dict] = {}
+        for r in sorted(measured, key=lambda r: r["median_s"]):
+            best.setdefault(r["backend"], r)
+        bound = AP_BOUNDS.get(precision) if use_ap else None
+        within, rejected = [], []
+        for r in best.values():
+            deltas = [d for d in (r.get("box_ap_delta_points"), r.get("mask_ap_delta_points")) if d is not None]
+            if bound is not None and deltas and max(deltas) > bound:
+                rejected.append(f"{r['backend']} (AP delta box {r['box_ap_delta_points']:.2f}/mask "
+                                f"{r['mask_ap_delta_points']:.2f} points > {bound})")
+            else:
+                within.append(r)
+        if rejected:
+            notes.append(f"{precision}: left out {', '.join(rejected)}")
+        if not within:
+            if best:
+                notes.append(f"{precision}: no backend within {bound} AP points; no choice written")
+            continue
+        ranked = "; ".join(
+            f"{r['backend']} {r['ratio_to_eager']:.2f}x eager ({r['median_s']:.3f} s/img"
+            + (f", AP delta box {r['box_ap_delta_points']:.2f}/mask {r['mask_ap_delta_points']:.2f} pt"
+               if r.get("box_ap_delta_points") is not None else "") + ")"
+            for r in within
+        )
+        top = within[0]
+        choice[precision] = {
+            "backend": top["backend"],
+            "why": f"fastest: {ranked}" + (f"; left out {', '.join(rejected)}" if rejected else ""),
+            "ranking": [r["backend"] for r in within],
+            "ratio_to_eager": top["ratio_to_eager"],
+            "median_s": top["median_s"],
+            "ap_delta_points": {"box": top.get("box_ap_delta_points"), "mask": top.get("mask_ap_delta_points")},
+        }
+    return choice, notes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", action="append", required=True, help="engine artifact folder (repeatable)")
-    p.add_argument("--image", help="image file (default: scikit-image's 'coffee' photo, 600x400)")
+    p.add_argument("--engine", action="append", default=[], help="engine artifact folder (repeatable)")
+    p.add_argument("--export", help="export folder (maskrcnn-build export): compile and time --backends x --precisions")
+    p.add_argument("--backends", type=_csv, default=None,
+                   help="with --export: comma list of backends (default: every registered backend)")
+    p.add_argument("--precisions", type=_csv, default=["fp32"], help="with --export: comma list (default fp32)")
+    p.add_argument("--calib-images", help="with --export: calibration images for int8 (int8 rows are skipped without)")
+    p.add_argument("--calib-count", type=int, default=16)
+    p.add_argument("--artifacts", default=".cache/bench/artifacts", help="cache of the engines compiled from --export")
+    p.add_argument("--ap-images", help="folder of images to score every engine's AP against eager fp32 on")
+    p.add_argument("--ap-count", type=int, default=None, help="use at most this many --ap-images")
+    p.add_argument("--image", help="image file (default: scikit-image's 'coffee' photo)")
+    p.add_argument("--size", type=_size, default=(800, 1333),
+                   help="HxW the image is resized to before the host preprocess (default 800x1333); native: as is")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-stock", action="store_true", help="skip torchvision's stock ONNX export row")
     p.add_argument("--cache", default=".cache/bench", help="where the stock export is kept")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--write-choice", metavar="PATH",
+                   help="write the --backend auto table (fastest backend per precision within its AP bound) here")
     args = p.parse_args(argv)
+    if not args.engine and not args.export:
+        p.error("give --engine ARTIFACT (repeatable) and/or --export DIR")
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
-    import onnxruntime as ort
+    import cv2
     import torch
 
-    from build_tools.pipeline import input_spec_of, reload_reference
-    from build_tools.verify import read_rgb
-    from service.backends import load_engine
+    from build_tools.pipeline import cpu_facts, input_spec_of, read_export_info, reload_reference
+    from build_tools.verify import (
+        ap_against_reference,
+        ap_delta_points,
+        eager_infer,
+        list_images,
+        read_rgb,
+        run_detections,
+    )
+    from service.backends import backend_names, canonical_precision, get_backend, load_engine
     from service.backends.onnxruntime import default_threads
+    from service.manifest import Manifest
     from service.postprocess import postprocess_image
     from service.preprocess import pad_batch, prepare_image
 
@@ -76,36 +211,90 @@ def main(argv: list[str] | None = None) -> int:
 
         image_path = Path(skimage.data_dir) / "coffee.png"
     rgb = read_rgb(image_path)
+    if args.size:
+        rgb = np.ascontiguousarray(cv2.resize(rgb, (args.size[1], args.size[0]), interpolation=cv2.INTER_LINEAR))
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
 
-    engines = [load_engine(e, threads=threads) for e in args.engine]
-    first = engines[0].manifest
-    reference = reload_reference({"checkpoint": first.checkpoint, "inference_config": first.inference_config}).model
-    spec = input_spec_of(first.inference_config)
-    post = first.postprocess
+    # the eager reference: the export's model, else the first engine's
+    if args.export:
+        info = read_export_info(args.export)
+        ref_checkpoint, config = info["checkpoint"], info["inference_config"]
+        # a fixed-batch graph is fed its whole (padded) batch per request; a mutable one, one image
+        batch = 1 if info.get("shape_mutable") else info["batch_size"]
+    else:
+        first = Manifest.load(args.engine[0])
+        ref_checkpoint, config, batch = first.checkpoint, first.inference_config, first.batch_size or 1
+    reference = reload_reference({"checkpoint": ref_checkpoint, "inference_config": config}).model
+    spec = input_spec_of(config)
+    score_threshold, mask_threshold = config["score_thresh"], config["mask_threshold"]
 
-    def run_with(infer):
-        """One request's work: preprocess, infer, host postprocess with RLE masks."""
+    # what to time: given engines, then each backend x precision compiled from the export
+    plan: list[dict] = [{"kind": "engine", "artifact": Path(e)} for e in args.engine]
+    if args.export:
+        for backend in args.backends or backend_names():
+            module = get_backend(backend)
+            for precision in (canonical_precision(x) for x in args.precisions):
+                row = {"kind": "engine", "backend": backend, "precision": precision, "compile": True}
+                ok, reason = module.available()
+                if not ok:
+                    row["skipped"] = reason
+                elif precision not in module.PRECISIONS:
+                    row["skipped"] = f"{backend} offers {', '.join(module.PRECISIONS)}"
+                elif precision == "int8" and not args.calib_images:
+                    row["skipped"] = "int8 needs --calib-images"
+                plan.append(row)
+    total = 1 + (not args.no_stock) + len(plan)
+
+    def request(infer, batch_size: int):
+        """One request's work: preprocess, infer, host postprocess with RLE masks -> (total s, infer s)."""
         def once():
+            t0 = time.perf_counter()
             prepared = prepare_image(rgb, spec)
-            images, sizes = pad_batch([prepared], spec.pad_divisor, batch_size=1)
+            images, sizes = pad_batch([prepared], spec.pad_divisor, batch_size=batch_size)
+            t1 = time.perf_counter()
             out = infer(images, sizes)
-            return postprocess_image(out["dets"][0], out["labels"][0], out["masks"][0], prepared.scale_factor,
-                                     prepared.orig_hw, score_threshold=post["score_threshold"],
-                                     mask_threshold=post["mask_threshold"])
+            t2 = time.perf_counter()
+            postprocess_image(out["dets"][0], out["labels"][0], out["masks"][0], prepared.scale_factor,
+                              prepared.orig_hw, score_threshold=score_threshold, mask_threshold=mask_threshold)
+            return time.perf_counter() - t0, t2 - t1
         return once
 
-    def eager_infer(images, sizes):
-        with torch.no_grad():
-            d, l, m = reference(torch.from_numpy(images), torch.from_numpy(sizes))
-        return {"dets": d.numpy(), "labels": l.numpy(), "masks": m.numpy()}
+    ap_prepared, refs = None, None
+    if args.ap_images:
+        ap_paths = list_images(args.ap_images, args.ap_count)
+        _progress(f"AP reference: eager PyTorch on {len(ap_paths)} image(s) from {args.ap_images} ...")
+        ap_prepared = [prepare_image(read_rgb(path), spec) for path in ap_paths]
+        refs, _ = run_detections(eager_infer(reference), ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
+                                 mask_threshold=mask_threshold, warmup=0)
 
-    rows = []
-    eager_times = _time(run_with(eager_infer), args.iterations, args.warmup)
-    rows.append(("eager PyTorch (reference)", eager_times))
+    rows: list[dict] = []
+    step = 0
+
+    def add(row: dict, totals: list[float] | None = None, infers: list[float] | None = None) -> None:
+        nonlocal step
+        step += 1
+        row.setdefault("skipped", None)
+        if totals:
+            row.update(median_s=statistics.median(totals), min_s=min(totals),
+                       infer_median_s=statistics.median(infers) if infers else None)
+            _progress(f"[{step}/{total}] {row['engine']}: {row['median_s']:.3f} s/img median "
+                      f"({len(totals)} iterations)")
+        else:
+            row.update(median_s=None, min_s=None, infer_median_s=None)
+            _progress(f"[{step}/{total}] {row['engine']}: skipped ({row.get('skipped')})")
+        rows.append(row)
+
+    _progress(f"[{step + 1}/{total}] eager PyTorch: timing ...")
+    eager_totals, eager_infers = _time_segments(request(eager_infer(reference), batch), args.iterations, args.warmup)
+    add({"engine": "eager PyTorch (reference)", "kind": "eager", "backend": "pytorch", "precision": "fp32",
+         "artifact": None, "box_ap_delta_points": 0.0 if refs else None,
+         "mask_ap_delta_points": 0.0 if refs else None}, eager_totals, eager_infers)
 
     if not args.no_stock:
+        import onnxruntime as ort
+
+        _progress(f"[{step + 1}/{total}] torchvision stock ONNX: export (cached) and timing ...")
         stock_path = _stock_torchvision_onnx(Path(args.cache), spec.resized_hw(rgb.shape[:2]))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -119,25 +308,121 @@ def main(argv: list[str] | None = None) -> int:
             binary = np.asfortranarray((masks[:, 0] > 0.5).transpose(1, 2, 0).astype(np.uint8))
             return mask_utils.encode(binary) if len(scores) else []
 
-        rows.append(("torchvision stock ONNX (ORT, masks pasted in graph)",
-                     _time(stock_once, args.iterations, args.warmup)))
+        add({"engine": "torchvision stock ONNX (ORT, masks pasted in graph)", "kind": "stock",
+             "backend": "onnxruntime", "precision": "fp32", "artifact": str(stock_path),
+             "box_ap_delta_points": None, "mask_ap_delta_points": None},
+            _time(stock_once, args.iterations, args.warmup))
 
-    for engine in engines:
+    for item in plan:
+        label = f"{item['backend']} {item['precision']}" if "backend" in item else str(item["artifact"])
+        row = {"engine": f"{label} (this project)", "kind": "engine", "backend": item.get("backend"),
+               "precision": item.get("precision"), "artifact": None,
+               "box_ap_delta_points": None, "mask_ap_delta_points": None}
+        if item.get("skipped"):
+            add({**row, "skipped": item["skipped"]})
+            continue
+        try:
+            if item.get("compile"):
+                _progress(f"[{step + 1}/{total}] {label}: compiling into {args.artifacts} (unless cached) ...")
+                item["artifact"] = _compiled_artifact(Path(args.export), info, item["backend"], item["precision"],
+                                                      args, threads)
+            engine = load_engine(item["artifact"], threads=threads)
+        except Exception as exc:  # a backend that cannot build or load this precision here: say so, go on
+            add({**row, "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
         m = engine.manifest
-        rows.append((f"{m.backend} {m.precision} (this project)",
-                     _time(run_with(engine.infer), args.iterations, args.warmup)))
+        row.update(engine=f"{m.backend} {m.precision} (this project)", backend=m.backend, precision=m.precision,
+                   artifact=str(item["artifact"]))
+        _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: timing ...")
+        totals, infers = _time_segments(request(engine.infer, engine.batch_size or 1), args.iterations, args.warmup)
+        if refs is not None:
+            same_model = all(m.checkpoint.get(k) == ref_checkpoint.get(k) for k in ("sha256", "random_init_seed"))
+            if same_model and (engine.batch_size or 1) == batch:
+                _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: AP on {len(ap_prepared)} image(s) ...")
+                engs, _ = run_detections(engine.infer, ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
+                                         mask_threshold=mask_threshold, warmup=0)
+                ap = ap_against_reference(refs, engs)
+                delta = ap_delta_points(ap)
+                row.update(box_ap=ap["box_ap"], mask_ap=ap["mask_ap"], box_ap_delta_points=delta["box"],
+                           mask_ap_delta_points=delta["mask"])
+            else:
+                row["ap_note"] = "not scored: another checkpoint or batch size than the reference"
+        del engine
+        add(row, totals, infers)
 
-    eager_median = statistics.median(eager_times)
-    print(f"image {image_path.name} {rgb.shape[1]}x{rgb.shape[0]}, threads {threads}, "
-          f"{args.iterations} iterations after {args.warmup} warm-up")
-    print(f"{'engine':55s} {'median s':>9s} {'min s':>7s} {'x eager':>8s}")
-    results = []
-    for name, times in rows:
-        med = statistics.median(times)
-        print(f"{name:55s} {med:9.3f} {min(times):7.3f} {med / eager_median:8.2f}")
-        results.append({"engine": name, "median_s": med, "min_s": min(times), "ratio_to_eager": med / eager_median})
+    eager_median = statistics.median(eager_totals)
+    eager_infer_median = statistics.median(eager_infers)
+    for row in rows:
+        row["ratio_to_eager"] = row["median_s"] / eager_median if row["median_s"] is not None else None
+        row["infer_ratio_to_eager"] = (row["infer_median_s"] / eager_infer_median
+                                       if row.get("infer_median_s") is not None else None)
+        row["ap_images"] = len(ap_prepared) if ap_prepared is not None else None
+
+    print(f"image {image_path.name} resized to {rgb.shape[0]}x{rgb.shape[1]} (HxW), threads {threads}, "
+          f"{args.iterations} iterations after {args.warmup} warm-up; ratios to eager PyTorch in this run; "
+          f"s = a whole request (preprocess + infer + postprocess), infer s = the engine call"
+          + (f"; dAP = AP points lost against eager fp32 on {len(ap_prepared)} image(s)" if ap_prepared else ""))
+    print(f"{'backend':12s} {'precision':9s} {'median s':>9s} {'infer s':>8s} {'min s':>7s} {'x eager':>8s} "
+          f"{'box dAP':>8s} {'mask dAP':>8s}  row")
+    fmt = lambda v, f: f"{v:{f}}" if v is not None else "-"  # noqa: E731
+    for row in rows:
+        print(f"{row['backend'] or '-':12s} {row['precision'] or '-':9s} {fmt(row['median_s'], '9.3f'):>9s} "
+              f"{fmt(row['infer_median_s'], '8.3f'):>8s} {fmt(row['min_s'], '7.3f'):>7s} "
+              f"{fmt(row['ratio_to_eager'], '8.2f'):>8s} {fmt(row['box_ap_delta_points'], '8.2f'):>8s} "
+              f"{fmt(row['mask_ap_delta_points'], '8.2f'):>8s}  "
+              + (row["engine"] if not row.get("skipped") else f"{row['engine']}: skipped, {row['skipped']}"))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+    if args.write_choice:
+        precisions = list(dict.fromkeys(r["precision"] for r in rows if r["kind"] == "engine" and r["precision"]))
+        random_init = ref_checkpoint.get("format") == "random-init"
+        choice, notes = choose_backends(rows, precisions, use_ap=not random_init)
+        reasons = []
+        if random_init:
+            reasons.append("random-init weights: AP deltas mean nothing, so no AP bound was applied")
+        if not ap_prepared:
+            reasons.append("AP not measured (no --ap-images): chosen on speed alone")
+        if args.iterations < 3:
+            reasons.append(f"{args.iterations} iteration(s)")
+        if load_at_start is not None and load_at_start > 0.5:
+            reasons.append(f"machine not quiet: 1-minute load average {load_at_start:.2f} at the start")
+        versions = {"torch": torch.__version__}
+        for name in ("onnxruntime", "openvino"):
+            try:
+                versions[name] = __import__(name).__version__
+            except ImportError:
+                pass
+        table = {
+            "measured": {
+                "quality": "smoke" if reasons else "full",
+                "quality_reasons": reasons,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": "python -m scripts.bench_build " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "cpu": cpu_facts(),
+                "threads": threads,
+                "load_average_at_start": load_at_start,
+                "input_hw": list(rgb.shape[:2]),
+                "image": image_path.name,
+                "iterations": args.iterations,
+                "warmup": args.warmup,
+                "ap_images": len(ap_prepared) if ap_prepared else None,
+                "ap_bounds_points": {k: AP_BOUNDS[k] for k in precisions if k in AP_BOUNDS},
+                "checkpoint": {k: ref_checkpoint.get(k) for k in ("format", "source", "sha256")},
+                "versions": versions,
+                "statistic": "median seconds per request (host preprocess + infer + host postprocess) at input_hw; "
+                             "ratio_to_eager against eager PyTorch in the same run",
+                "notes": notes,
+                "rows": [{k: r.get(k) for k in ("backend", "precision", "median_s", "infer_median_s",
+                                                 "ratio_to_eager", "box_ap_delta_points", "mask_ap_delta_points",
+                                                 "skipped")} for r in rows],
+            },
+            "choice": choice,
+        }
+        Path(args.write_choice).write_text(json.dumps(table, indent=2) + "\n")
+        print(f"wrote {args.write_choice} ({table['measured']['quality']}): "
+              + (", ".join(f"{k} -> {v['backend']}" for k, v in choice.items()) or "no choice")
+              + (f"; {'; '.join(notes)}" if notes else ""))
     return 0
 
 

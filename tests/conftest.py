@@ -16,10 +16,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-serve" / "tests"))
-# Everything that decides the bytes of an exported engine.
+# Everything that decides the bytes of the exports and ONNX Runtime artifacts built here.
 PRODUCERS = sorted(
-    [*ROOT.glob("build_tools/*.py"), *ROOT.glob("service/backends/*.py"), ROOT / "service/manifest.py",
-     ROOT / "service/preprocess.py"]
+    [*ROOT.glob("build_tools/*.py"), *(ROOT / "service/backends" / n for n in ("__init__.py", "base.py", "onnxruntime.py")),
+     ROOT / "service/manifest.py", ROOT / "service/preprocess.py"]
 )
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
 
@@ -110,3 +110,34 @@ def reference_model(export_dir):
     from build_tools.pipeline import read_export_info, reload_reference
 
     return reload_reference(read_export_info(export_dir)).model
+
+
+def cached_mutable_export(max_batch: int = 4) -> Path:
+    """Export folder of the random-init mmdet-config model (score threshold 0, seed 0: the weights of
+    ``cached_export``) with a mutable batch of 1..``max_batch``."""
+    from build_tools.pipeline import export_step
+
+    folder = CACHE / f"export-mut{max_batch}-s0.0-seed0-{_key(b=max_batch, s=0.0, seed=0, mutable=True)}"
+    if not (folder / "export.json").is_file():
+        _build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=0, batch_size=max_batch,
+                                                    shape_mutable=True, score_threshold=0.0))
+    return folder
+
+
+def cached_mutable_artifact(max_batch: int = 4) -> Path:
+    """An ONNX Runtime fp32 artifact of ``cached_mutable_export``, not verified at build time."""
+    from build_tools.pipeline import compile_step
+
+    export_dir = cached_mutable_export(max_batch)
+    folder = CACHE / f"artifact-mut{max_batch}-fp32-{export_dir.name.rsplit('-', 1)[1]}"
+    if not (folder / "manifest.json").is_file():
+        _build_into(folder, lambda tmp: compile_step(export_dir, tmp, precision="fp32", run_verify=False,
+                                                     progress=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def engine_dir_mutable() -> Path:
+    """ONNX Runtime fp32 artifact with a mutable batch (max 4), random-init weights, score
+    threshold 0; tests/test_mutable_batch.py checks its parity."""
+    return cached_mutable_artifact(max_batch=4)

@@ -1,0 +1,184 @@
+"""The precision report of a build (AP points lost and time per image against eager fp32),
+``--backend auto`` through build_tools/backend_choice.json, several precisions per ``all``, and
+the per backend/precision table of scripts/bench_build.py. Real exports and engines throughout
+(the cached random-init R50-FPN of tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from build_tools import cli
+from build_tools.pipeline import BACKEND_CHOICE, BuildError, compile_step, resolve_backend
+from service.backends import backend_names, get_backend
+from service.manifest import Manifest
+
+openvino = get_backend("openvino")
+OPENVINO_OK, OPENVINO_WHY = openvino.available()
+
+
+def write_table(path, choice: dict) -> str:
+    path.write_text(json.dumps({"measured": {"quality": "test", "date": "today", "cpu": {}}, "choice": choice}))
+    return str(path)
+
+
+def test_fp32_manifest_records_timing_and_ap_delta(engine_dir):
+    parity = Manifest.load(engine_dir).parity
+    timing = parity["timing"]
+    assert timing["eager_s_per_image"] > 0 and timing["engine_s_per_image"] > 0
+    assert timing["ratio_to_eager"] == pytest.approx(timing["engine_s_per_image"] / timing["eager_s_per_image"])
+    assert timing["engine_with_postprocess_s_per_image"] >= timing["engine_s_per_image"]
+    assert timing["images"] == 1 and timing["batch_size"] == 1 and timing["threads"] >= 1
+    delta = parity["ap_delta_points"]
+    assert delta["box"] == pytest.approx(100 * (1 - parity["box_ap"]))
+    assert delta["mask"] == pytest.approx(100 * (1 - parity["mask_ap"]))
+    # fp32 reproduces eager: the fp32 tolerance (AP >= 0.95) bounds the loss at 5 points
+    assert 0 <= delta["box"] <= 5 and 0 <= delta["mask"] <= 5
+
+
+def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
+    table = write_table(tmp_path / "choice.json", {
+        "fp32": {"backend": "onnxruntime", "why": "onnxruntime 0.61x eager < openvino 0.70x eager"},
+        "bf16": {"backend": "openvino", "why": "only openvino offers bf16"},
+    })
+    assert resolve_backend("openvino", "fp32", table) == ("openvino", None)  # a named backend is taken as is
+    name, record = resolve_backend("auto", "force_float32", table)
+    assert name == "onnxruntime"
+    assert record["requested"] == "auto" and record["chosen"] == "onnxruntime"
+    assert record["why"] == "onnxruntime 0.61x eager < openvino 0.70x eager"
+    assert record["measured"]["quality"] == "test"
+    if OPENVINO_OK:
+        assert resolve_backend("auto", "bf16", table)[0] == "openvino"
+    # a precision the table has no measurement for: the first available backend offering it
+    name, record = resolve_backend("auto", "int8", table)
+    assert name == "onnxruntime" and "no measurement for int8" in record["why"]
+
+    code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "auto",
+                     "--backend-choice", table, "--no-verify"])
+    out = capsys.readouterr().out
+    assert code == 0
+    manifest = Manifest.load(tmp_path / "eng")  # one precision: the folder named by --out, as before
+    assert manifest.backend == "onnxruntime"
+    assert manifest.tools["backend_choice"]["requested"] == "auto"
+    assert manifest.tools["backend_choice"]["chosen"] == "onnxruntime"
+    assert "0.61x eager" in manifest.tools["backend_choice"]["why"]
+    assert "report: onnxruntime fp32: not verified" in out
+
+
+def test_backend_auto_falls_back_when_the_chosen_backend_is_missing(export_dir, tmp_path, monkeypatch):
+    table = write_table(tmp_path / "choice.json", {
+        "fp32": {"backend": "openvino", "why": "openvino 0.40x eager", "ranking": ["openvino", "onnxruntime"]},
+        "bf16": {"backend": "openvino", "why": "only openvino offers bf16"},
+    })
+    monkeypatch.setattr(openvino, "available", lambda: (False, "openvino is not installed (test)"))
+    manifest = compile_step(export_dir, tmp_path / "eng", backend="auto", precision="fp32", run_verify=False,
+                            choice_table=table)
+    choice = manifest.tools["backend_choice"]
+    assert manifest.backend == "onnxruntime" and choice["chosen"] == "onnxruntime"
+    assert "fell back to onnxruntime" in choice["why"] and "openvino is not available" in choice["why"]
+    assert Manifest.load(tmp_path / "eng").tools["backend_choice"] == choice
+    others = [n for n in backend_names() if n != "openvino" and "bf16" in get_backend(n).PRECISIONS
+              and get_backend(n).available()[0]]
+    if not others:
+        with pytest.raises(BuildError, match="no available backend offers bf16"):
+            resolve_backend("auto", "bf16", table)
+
+
+def test_checked_in_backend_choice_table_is_honest_and_resolves():
+    table = json.loads(BACKEND_CHOICE.read_text())
+    measured = table["measured"]
+    assert measured["quality"] in ("smoke", "full")
+    assert {"date", "command", "cpu"} <= set(measured) and "scripts.bench_build" in measured["command"]
+    for precision, entry in table["choice"].items():
+        assert entry["backend"] in backend_names() and entry["why"]
+        assert precision in get_backend(entry["backend"]).PRECISIONS
+    name, record = resolve_backend("auto", "fp32")
+    assert name in backend_names() and record["requested"] == "auto"
+
+
+def test_choice_keeps_precisions_within_their_ap_bound():
+    from scripts.bench_build import choose_backends
+
+    rows = [
+        {"kind": "engine", "backend": "openvino", "precision": "int8", "median_s": 1.0, "ratio_to_eager": 0.3,
+         "box_ap_delta_points": 1.6, "mask_ap_delta_points": 0.9},
+        {"kind": "engine", "backend": "onnxruntime", "precision": "int8", "median_s": 1.5, "ratio_to_eager": 0.45,
+         "box_ap_delta_points": 0.6, "mask_ap_delta_points": 0.7},
+        {"kind": "engine", "backend": "onnxruntime", "precision": "fp32", "median_s": 3.0, "ratio_to_eager": 0.9,
+         "box_ap_delta_points": None, "mask_ap_delta_points": None},
+        {"kind": "engine", "backend": "openvino", "precision": "fp32", "median_s": 2.0, "ratio_to_eager": 0.6,
+         "box_ap_delta_points": None, "mask_ap_delta_points": None},
+    ]
+    choice, notes = choose_backends(rows, ["fp32", "int8"])
+    assert choice["int8"]["backend"] == "onnxruntime" and "openvino (AP delta box 1.60" in choice["int8"]["why"]
+    assert choice["fp32"]["backend"] == "openvino" and choice["fp32"]["ranking"] == ["openvino", "onnxruntime"]
+    assert "0.60x eager" in choice["fp32"]["why"]
+    assert choose_backends(rows, ["int8"], use_ap=False)[0]["int8"]["backend"] == "openvino"
+
+
+def _second_precision() -> str | None:
+    if OPENVINO_OK and "BF16" in openvino.cpu_capabilities():
+        return "bf16"
+    return None
+
+
+@pytest.mark.skipif(_second_precision() is None, reason="needs openvino on a CPU with bf16")
+def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_path, capsys):
+    table = write_table(tmp_path / "choice.json", {
+        "fp32": {"backend": "onnxruntime", "why": "measured for the test"},
+        "bf16": {"backend": "openvino", "why": "only openvino offers bf16"},
+    })
+    out = tmp_path / "out"
+    code = cli.main(["all", "--random-init", "--score-threshold", "0", "--out", str(out), "--backend", "auto",
+                     "--backend-choice", table, "--precision", "fp32", "--precision", "bf16",
+                     "--verify-images", str(photos), "--verify-count", "1", "--allow-parity-failure"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    ort, ov = Manifest.load(out / "onnxruntime-fp32"), Manifest.load(out / "openvino-bf16")
+    assert (ort.backend, ort.precision, ov.backend, ov.precision) == ("onnxruntime", "fp32", "openvino", "bf16")
+    assert ort.tools["backend_choice"]["chosen"] == "onnxruntime" and ov.tools["backend_choice"]["chosen"] == "openvino"
+    for manifest in (ort, ov):
+        assert manifest.parity["timing"]["engine_s_per_image"] > 0
+        assert manifest.parity["ap_delta_points"]["box"] is not None
+    assert ort.parity["passed"]
+    lines = printed.splitlines()
+    assert sum(line.startswith("report: ") for line in lines) == 2
+    assert any("only 1 verify image" in line for line in lines)  # the header says how few images timed it
+    header = next(i for i, line in enumerate(lines) if line.startswith("backend ") and "speedup" in line)
+    rows = [line.split() for line in lines[header + 1:header + 3]]
+    assert [r[:2] for r in rows] == [["onnxruntime", "fp32"], ["openvino", "bf16"]]
+    for r in rows:
+        engine_s, eager_s, speedup = float(r[4]), float(r[5]), float(r[6].rstrip("x"))
+        assert speedup == pytest.approx(eager_s / engine_s, rel=0.02, abs=0.01)
+
+
+def test_bench_build_rows_per_backend_and_precision(export_dir, photos, tmp_path):
+    from scripts import bench_build
+
+    rows_path, choice_path = tmp_path / "rows.json", tmp_path / "choice.json"
+    code = bench_build.main([
+        "--export", str(export_dir), "--backends", "onnxruntime", "--precisions", "fp32,fp16",
+        "--iterations", "1", "--warmup", "0", "--no-stock", "--artifacts", str(tmp_path / "cache"),
+        "--ap-images", str(photos), "--ap-count", "1", "--image", str(photos / "coffee.png"),
+        "--json", str(rows_path), "--write-choice", str(choice_path),
+    ])
+    assert code == 0
+    rows = {(r["backend"], r["precision"]): r for r in json.loads(rows_path.read_text())}
+    assert set(rows) == {("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")}
+    fields = {"engine", "backend", "precision", "artifact", "median_s", "infer_median_s", "ratio_to_eager",
+              "box_ap_delta_points", "mask_ap_delta_points", "ap_images", "skipped"}
+    ort = rows["onnxruntime", "fp32"]
+    assert fields <= set(ort) and ort["skipped"] is None
+    assert ort["median_s"] > 0 and 0 < ort["infer_median_s"] <= ort["median_s"]
+    assert ort["ratio_to_eager"] == pytest.approx(ort["median_s"] / rows["pytorch", "fp32"]["median_s"])
+    assert rows["pytorch", "fp32"]["ratio_to_eager"] == 1.0
+    assert ort["ap_images"] == 1 and math.isfinite(ort["box_ap_delta_points"])
+    assert (tmp_path / "cache").is_dir() and Manifest.load(ort["artifact"]).precision == "fp32"
+    assert rows["onnxruntime", "fp16"]["median_s"] is None and "offers" in rows["onnxruntime", "fp16"]["skipped"]
+
+    table = json.loads(choice_path.read_text())
+    assert table["measured"]["quality"] == "smoke" and table["measured"]["input_hw"] == [800, 1333]
+    assert table["choice"]["fp32"]["backend"] == "onnxruntime" and "x eager" in table["choice"]["fp32"]["why"]
+    assert resolve_backend("auto", "fp32", choice_path)[0] == "onnxruntime"
