@@ -10,6 +10,11 @@ compare what a request costs; ``infer s`` is the engine call alone. The image is
 
 With ``--ap-images DIR`` every engine also runs on those images and its box/mask AP is scored
 against the eager fp32 reference's detections (build_tools/verify.py): ``dAP`` = AP points lost.
+With ``--gt-data DIR`` (a COCO-layout dataset such as the demo data; ``--gt-split``, ``--gt-limit``)
+eager PyTorch and every engine are also scored against the dataset's ground truth with pycocotools:
+``gt dAP`` = eager's AP minus the engine's, in points, the measure the AP bounds below apply to
+(the reference-scored ``dAP`` counts every reshuffled low-score detection as a loss and is far
+stricter).
 ``--write-choice PATH`` writes the table ``maskrcnn-build --backend auto`` reads: per precision,
 the fastest backend among those within the precision's AP bound (when AP was measured).
 
@@ -17,6 +22,9 @@ the fastest backend among those within the precision's AP bound (when AP was mea
     python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
         --precisions fp32,bf16,int8 --calib-images DIR --ap-images DIR \\
         --write-choice build_tools/backend_choice.json
+    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \
+        --precisions fp32,bf16,int8 --calib-images .cache/demo/data/train --gt-data .cache/demo/data \
+        --gt-limit 20 --write-choice build_tools/backend_choice.json
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 # Largest AP loss (points, box and mask) against the fp32 reference that a reduced precision may
-# cost for its backend to be chosen by --write-choice, when AP was measured on trained weights.
+# cost for its backend to be chosen by --write-choice, when AP was measured on trained weights
+# (ground-truth AP with --gt-data, else AP against the reference's detections).
 # fp32 engines have none here: compile's verify holds them to eager PyTorch already.
 AP_BOUNDS = {"fp16": 0.3, "bf16": 0.3, "int8": 1.0}
 
@@ -114,6 +123,32 @@ def _compiled_artifact(export: Path, info: dict, backend: str, precision: str, a
     return folder
 
 
+def _ap_deltas(row: dict) -> tuple[float | None, float | None]:
+    """(box, mask) AP points the row loses against eager fp32: ground-truth AP when measured."""
+    if row.get("gt_box_ap_delta_points") is not None:
+        return row["gt_box_ap_delta_points"], row["gt_mask_ap_delta_points"]
+    return row.get("box_ap_delta_points"), row.get("mask_ap_delta_points")
+
+
+def _gt_scores(detections, image_ids, gt_data: str, split: str) -> dict[str, float]:
+    """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of the dataset."""
+    import tempfile
+
+    from scripts.demo_eval import coco_ap
+    from service.manifest import COCO_CATEGORY_IDS
+    from service.response import coco_body
+
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        results += coco_body(det.boxes.tolist(), det.scores.tolist(), [COCO_CATEGORY_IDS[i] for i in det.labels],
+                             det.rles, image_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "results.json"
+        path.write_text(json.dumps(results))
+        scores = coco_ap(gt_data, split, path, image_ids, verbose=False)
+    return {"box": 100 * scores["bbox"]["AP"], "mask": 100 * scores["segm"]["AP"]}
+
+
 def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True) -> tuple[dict, list[str]]:
     """Per precision, the fastest backend among the rows within the precision's AP bound (all
     measured rows when AP was not measured or ``use_ap`` is false); (choice table, notes on what
@@ -128,10 +163,10 @@ def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True
         bound = AP_BOUNDS.get(precision) if use_ap else None
         within, rejected = [], []
         for r in best.values():
-            deltas = [d for d in (r.get("box_ap_delta_points"), r.get("mask_ap_delta_points")) if d is not None]
+            box, mask = _ap_deltas(r)
+            deltas = [d for d in (box, mask) if d is not None]
             if bound is not None and deltas and max(deltas) > bound:
-                rejected.append(f"{r['backend']} (AP delta box {r['box_ap_delta_points']:.2f}/mask "
-                                f"{r['mask_ap_delta_points']:.2f} points > {bound})")
+                rejected.append(f"{r['backend']} (AP delta box {box:.2f}/mask {mask:.2f} points > {bound})")
             else:
                 within.append(r)
         if rejected:
@@ -142,8 +177,8 @@ def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True
             continue
         ranked = "; ".join(
             f"{r['backend']} {r['ratio_to_eager']:.2f}x eager ({r['median_s']:.3f} s/img"
-            + (f", AP delta box {r['box_ap_delta_points']:.2f}/mask {r['mask_ap_delta_points']:.2f} pt"
-               if r.get("box_ap_delta_points") is not None else "") + ")"
+            + (f", {'ground-truth ' if r.get('gt_box_ap_delta_points') is not None else ''}AP delta box "
+               f"{_ap_deltas(r)[0]:.2f}/mask {_ap_deltas(r)[1]:.2f} pt" if _ap_deltas(r)[0] is not None else "") + ")"
             for r in within
         )
         top = within[0]
@@ -153,7 +188,8 @@ def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True
             "ranking": [r["backend"] for r in within],
             "ratio_to_eager": top["ratio_to_eager"],
             "median_s": top["median_s"],
-            "ap_delta_points": {"box": top.get("box_ap_delta_points"), "mask": top.get("mask_ap_delta_points")},
+            "ap_delta_points": dict(zip(("box", "mask"), _ap_deltas(top))),
+            "ap_measure": "ground truth" if top.get("gt_box_ap_delta_points") is not None else "reference",
         }
     return choice, notes
 
@@ -170,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--artifacts", default=".cache/bench/artifacts", help="cache of the engines compiled from --export")
     p.add_argument("--ap-images", help="folder of images to score every engine's AP against eager fp32 on")
     p.add_argument("--ap-count", type=int, default=None, help="use at most this many --ap-images")
+    p.add_argument("--gt-data", help="COCO-layout dataset folder: also score ground-truth AP (e.g. .cache/demo/data)")
+    p.add_argument("--gt-split", default="val", help="split of --gt-data (default val)")
+    p.add_argument("--gt-limit", type=int, default=None, help="first N images of the split by id (default all)")
     p.add_argument("--image", help="image file (default: scikit-image's 'coffee' photo)")
     p.add_argument("--size", type=_size, default=(800, 1333),
                    help="HxW the image is resized to before the host preprocess (default 800x1333); native: as is")
@@ -268,6 +307,19 @@ def main(argv: list[str] | None = None) -> int:
         refs, _ = run_detections(eager_infer(reference), ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
                                  mask_threshold=mask_threshold, warmup=0)
 
+    gt_prepared, gt_ids, gt_eager = None, None, None
+    if args.gt_data:
+        from scripts.demo_eval import _quiet_coco, split_paths
+
+        ann, gt_dir = split_paths(args.gt_data, args.gt_split)
+        coco = _quiet_coco(ann)
+        gt_ids = sorted(coco.getImgIds())[: args.gt_limit] if args.gt_limit else sorted(coco.getImgIds())
+        _progress(f"ground truth: eager PyTorch on {len(gt_ids)} image(s) of {ann} ...")
+        gt_prepared = [prepare_image(read_rgb(gt_dir / coco.imgs[i]["file_name"]), spec) for i in gt_ids]
+        dets, _ = run_detections(eager_infer(reference), gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
+                                 mask_threshold=mask_threshold, warmup=0)
+        gt_eager = _gt_scores(dets, gt_ids, args.gt_data, args.gt_split)
+
     rows: list[dict] = []
     step = 0
 
@@ -289,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     eager_totals, eager_infers = _time_segments(request(eager_infer(reference), batch), args.iterations, args.warmup)
     add({"engine": "eager PyTorch (reference)", "kind": "eager", "backend": "pytorch", "precision": "fp32",
          "artifact": None, "box_ap_delta_points": 0.0 if refs else None,
-         "mask_ap_delta_points": 0.0 if refs else None}, eager_totals, eager_infers)
+         "mask_ap_delta_points": 0.0 if refs else None,
+         **({"gt_box_ap": gt_eager["box"], "gt_mask_ap": gt_eager["mask"], "gt_box_ap_delta_points": 0.0,
+             "gt_mask_ap_delta_points": 0.0} if gt_eager else {})}, eager_totals, eager_infers)
 
     if not args.no_stock:
         import onnxruntime as ort
@@ -347,6 +401,13 @@ def main(argv: list[str] | None = None) -> int:
                            mask_ap_delta_points=delta["mask"])
             else:
                 row["ap_note"] = "not scored: another checkpoint or batch size than the reference"
+        if gt_eager is not None and (engine.batch_size or 1) == batch:
+            _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: ground-truth AP on {len(gt_ids)} image(s) ...")
+            dets, _ = run_detections(engine.infer, gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
+                                     mask_threshold=mask_threshold, warmup=0)
+            gt = _gt_scores(dets, gt_ids, args.gt_data, args.gt_split)
+            row.update(gt_box_ap=gt["box"], gt_mask_ap=gt["mask"], gt_box_ap_delta_points=gt_eager["box"] - gt["box"],
+                       gt_mask_ap_delta_points=gt_eager["mask"] - gt["mask"])
         del engine
         add(row, totals, infers)
 
@@ -361,15 +422,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"image {image_path.name} resized to {rgb.shape[0]}x{rgb.shape[1]} (HxW), threads {threads}, "
           f"{args.iterations} iterations after {args.warmup} warm-up; ratios to eager PyTorch in this run; "
           f"s = a whole request (preprocess + infer + postprocess), infer s = the engine call"
-          + (f"; dAP = AP points lost against eager fp32 on {len(ap_prepared)} image(s)" if ap_prepared else ""))
+          + (f"; dAP = AP points lost against eager fp32 on {len(ap_prepared)} image(s)" if ap_prepared else "")
+          + (f"; gt AP / gt dAP = pycocotools AP x100 on {len(gt_ids)} {args.gt_split} image(s) of {args.gt_data} "
+             "and eager's minus the engine's" if gt_ids else ""))
     print(f"{'backend':12s} {'precision':9s} {'median s':>9s} {'infer s':>8s} {'min s':>7s} {'x eager':>8s} "
-          f"{'box dAP':>8s} {'mask dAP':>8s}  row")
+          f"{'box dAP':>8s} {'mask dAP':>8s} {'gt box AP':>9s} {'gt mask AP':>10s} {'gt box dAP':>10s} "
+          f"{'gt mask dAP':>11s}  row")
     fmt = lambda v, f: f"{v:{f}}" if v is not None else "-"  # noqa: E731
     for row in rows:
         print(f"{row['backend'] or '-':12s} {row['precision'] or '-':9s} {fmt(row['median_s'], '9.3f'):>9s} "
               f"{fmt(row['infer_median_s'], '8.3f'):>8s} {fmt(row['min_s'], '7.3f'):>7s} "
               f"{fmt(row['ratio_to_eager'], '8.2f'):>8s} {fmt(row['box_ap_delta_points'], '8.2f'):>8s} "
-              f"{fmt(row['mask_ap_delta_points'], '8.2f'):>8s}  "
+              f"{fmt(row['mask_ap_delta_points'], '8.2f'):>8s} {fmt(row.get('gt_box_ap'), '9.2f'):>9s} "
+              f"{fmt(row.get('gt_mask_ap'), '10.2f'):>10s} {fmt(row.get('gt_box_ap_delta_points'), '10.2f'):>10s} "
+              f"{fmt(row.get('gt_mask_ap_delta_points'), '11.2f'):>11s}  "
               + (row["engine"] if not row.get("skipped") else f"{row['engine']}: skipped, {row['skipped']}"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
@@ -381,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         reasons = []
         if random_init:
             reasons.append("random-init weights: AP deltas mean nothing, so no AP bound was applied")
-        if not ap_prepared:
-            reasons.append("AP not measured (no --ap-images): chosen on speed alone")
+        if not ap_prepared and not gt_ids:
+            reasons.append("AP not measured (no --ap-images or --gt-data): chosen on speed alone")
         if args.iterations < 3:
             reasons.append(f"{args.iterations} iteration(s)")
         if load_at_start is not None and load_at_start > 0.5:
@@ -407,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                 "iterations": args.iterations,
                 "warmup": args.warmup,
                 "ap_images": len(ap_prepared) if ap_prepared else None,
+                "gt_images": len(gt_ids) if gt_ids else None,
+                "gt_data": args.gt_data,
                 "ap_bounds_points": {k: AP_BOUNDS[k] for k in precisions if k in AP_BOUNDS},
                 "checkpoint": {k: ref_checkpoint.get(k) for k in ("format", "source", "sha256")},
                 "versions": versions,
@@ -415,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                 "notes": notes,
                 "rows": [{k: r.get(k) for k in ("backend", "precision", "median_s", "infer_median_s",
                                                  "ratio_to_eager", "box_ap_delta_points", "mask_ap_delta_points",
-                                                 "skipped")} for r in rows],
+                                                 "gt_box_ap", "gt_mask_ap", "gt_box_ap_delta_points",
+                                                 "gt_mask_ap_delta_points", "skipped")} for r in rows],
             },
             "choice": choice,
         }

@@ -155,13 +155,16 @@ def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_pa
 
 
 def test_bench_build_rows_per_backend_and_precision(export_dir, photos, tmp_path):
-    from scripts import bench_build
+    from scripts import bench_build, demo_data
 
+    gt_data = tmp_path / "data"
+    assert demo_data.main(["--out", str(gt_data), "--train", "0", "--val", "1", "--objects-per-image", "3"]) == 0
     rows_path, choice_path = tmp_path / "rows.json", tmp_path / "choice.json"
     code = bench_build.main([
         "--export", str(export_dir), "--backends", "onnxruntime", "--precisions", "fp32,fp16",
         "--iterations", "1", "--warmup", "0", "--no-stock", "--artifacts", str(tmp_path / "cache"),
         "--ap-images", str(photos), "--ap-count", "1", "--image", str(photos / "coffee.png"),
+        "--gt-data", str(gt_data), "--gt-limit", "1",
         "--json", str(rows_path), "--write-choice", str(choice_path),
     ])
     assert code == 0
@@ -175,6 +178,11 @@ def test_bench_build_rows_per_backend_and_precision(export_dir, photos, tmp_path
     assert ort["ratio_to_eager"] == pytest.approx(ort["median_s"] / rows["pytorch", "fp32"]["median_s"])
     assert rows["pytorch", "fp32"]["ratio_to_eager"] == 1.0
     assert ort["ap_images"] == 1 and math.isfinite(ort["box_ap_delta_points"])
+    # ground truth: eager and engine scored by pycocotools on the same image; the delta is their difference
+    eager = rows["pytorch", "fp32"]
+    assert eager["gt_box_ap_delta_points"] == 0.0 and 0 <= ort["gt_box_ap"] <= 100
+    assert ort["gt_box_ap_delta_points"] == pytest.approx(eager["gt_box_ap"] - ort["gt_box_ap"])
+    assert ort["gt_mask_ap_delta_points"] == pytest.approx(eager["gt_mask_ap"] - ort["gt_mask_ap"])
     assert (tmp_path / "cache").is_dir() and Manifest.load(ort["artifact"]).precision == "fp32"
     assert rows["onnxruntime", "fp16"]["median_s"] is None and "offers" in rows["onnxruntime", "fp16"]["skipped"]
 
