@@ -61,7 +61,10 @@ class Tolerance:
     def for_precision(precision: str) -> "Tolerance":
         if precision == "fp32":
             return Tolerance(0.99, 0.99, 0.95, 0.95, 0.95)
-        # int8 / fp16 / bf16: measured on the demo model (see README, "Precision"), with margin
+        # int8 / fp16 / bf16, scored against the fp32 reference's own detections (every reshuffled
+        # low-score detection counts as a miss). ONNX Runtime int8 of the demo model scored box 0.58 /
+        # mask 0.61 on 8 demo val images while its ground-truth AP moved by -0.15 points only
+        # (scripts/run_all.sh): these floors catch a broken engine, not that reshuffling.
         return Tolerance(0.0, 0.0, 0.0, 0.5, 0.45)
 
 
