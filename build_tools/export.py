@@ -1,9 +1,12 @@
 """ONNX export of ``MaskRCNN`` (TorchScript exporter, opset 17).
 
 Graph contract (docs/architecture.md): inputs ``images [B,3,H,W]`` float32 and ``image_sizes
-[B,2]`` int64, outputs ``dets [B,N,5]``, ``labels [B,N]``, ``masks [B,N,28,28]``; B fixed, H and W
-dynamic. Masks stay per-box 28x28: pasting full-image masks in the graph would move
-N x H x W floats per image for nothing the host cannot do faster inside each box.
+[B,2]`` int64, outputs ``dets [B,N,5]``, ``labels [B,N]``, ``masks [B,N,28,28]``; H and W dynamic,
+B fixed, or dynamic (1..max) with ``shape_mutable``. Both come from the same traced code: the model's
+inference path has no per-image Python loop (``build_tools.model``), so the graph is the same and
+only the batch axis is declared fixed or dynamic. Masks stay per-box 28x28: pasting full-image masks
+in the graph would move N x H x W floats per image for nothing the host cannot do faster inside
+each box.
 """
 
 from __future__ import annotations
@@ -35,28 +38,35 @@ def export_onnx(
 ) -> Path:
     """Trace ``model`` and write an ONNX file; returns the path.
 
-    The exporter traces one call, so the per-image loops of the RPN and RoI heads are unrolled for
-    ``batch_size`` images: the batch dimension is therefore fixed. ``shape_mutable=True`` (a dynamic
-    batch) is refused rather than silently producing a graph that only works at the traced size.
+    ``shape_mutable=False``: the graph's batch is ``batch_size``. ``shape_mutable=True``: the batch
+    axis of every input and output is dynamic and ``batch_size`` is the largest batch the artifact
+    is built for (recorded in the manifest; the graph itself runs any batch, it is traced at 2).
     """
-    if shape_mutable:
-        raise ExportError(
-            "--shape-mutable (dynamic batch) is not supported by this export: the traced graph "
-            "unrolls per-image post-processing for a fixed batch size. Build one engine per batch "
-            "size with --batch-size N instead."
-        )
     if batch_size < 1:
         raise ExportError(f"--batch-size must be >= 1, got {batch_size}")
+    if shape_mutable and batch_size < 2:
+        raise ExportError(
+            "--shape-mutable (dynamic batch) takes --batch-size as the largest batch and needs it >= 2 "
+            f"(got {batch_size}); a dynamic batch of at most 1 is the fixed batch-1 graph"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = example_hw
-    images = torch.zeros(batch_size, 3, h, w)
+    # a dynamic batch is traced at 2, not 1, so no size-1 broadcast gets baked into the graph
+    traced_batch = 2 if shape_mutable else batch_size
+    images = torch.zeros(traced_batch, 3, h, w)
     # a little structure so every branch (RPN top-k, NMS, mask head) sees non-empty tensors
     images[:, :, h // 4: h // 2, w // 4: w // 2] = 1.5
-    image_sizes = torch.tensor([[h, w]] * batch_size, dtype=torch.int64)
+    image_sizes = torch.tensor([[h, w]] * traced_batch, dtype=torch.int64)
     dynamic_axes = {
         "images": {2: "height", 3: "width"},
     }
+    if shape_mutable:
+        dynamic_axes = {
+            "images": {0: "batch", 2: "height", 3: "width"},
+            "image_sizes": {0: "batch"},
+            **{name: {0: "batch"} for name in OUTPUT_NAMES},
+        }
     model = model.eval()
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns about every Python int it records; the graph's dynamic parts are

@@ -14,6 +14,14 @@ RoI level mapping.
   probability of the predicted class, in the box frame), N = ``detections_per_img``, rows sorted by
   score, padding rows all zero with label -1.
 
+The inference path has no per-image Python loop, so one traced graph serves any batch size: the
+candidates of all images are processed together with an image index (one anchor set broadcast over
+the batch, per-image sizes for clipping, one NMS with the image as ONNX NonMaxSuppression's batch
+dimension, per-image top-k as a rank within the image, RoIs in ``[K, 5]`` format), and the final
+detections are scattered into the padded ``[B, N, ...]`` outputs at ``image * N + rank``. It
+computes exactly what the earlier per-image loops did (same candidates, same order, same NMS
+inputs), in eager PyTorch and in the exported graph.
+
 Training (the demo trainer) uses the torchvision sub-modules' own training paths:
 ``model.backbone``, ``model.rpn(ImageList, features, targets)`` and
 ``model.roi_heads(features, proposals, image_sizes, targets)``.
@@ -36,8 +44,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, batched_nms, roi_align
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, batched_nms, nms, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format
 
 from service.manifest import COCO_CATEGORY_IDS
@@ -120,14 +128,92 @@ class InferenceConfig:
 
 
 def clip_boxes(boxes: Tensor, size: Tensor) -> Tensor:
-    """Clip xyxy ``boxes [..., 4]`` to ``size`` = int64 tensor ``(h, w)``; export-safe (no constants)."""
-    h = size[0].to(boxes.dtype)
-    w = size[1].to(boxes.dtype)
+    """Clip xyxy ``boxes [..., N, 4]`` to ``size`` = int64 ``(h, w)`` of shape ``[..., 2]``: one size
+    for all boxes (``[2]``) or one per leading index (``[B, 2]`` for ``[B, N, 4]``); export-safe."""
+    hw = size.to(boxes.dtype).unsqueeze(-2)
+    h, w = hw[..., 0:1], hw[..., 1:2]
     x = boxes[..., 0::2].clamp(min=0.0)
     y = boxes[..., 1::2].clamp(min=0.0)
     x = torch.minimum(x, w)
     y = torch.minimum(y, h)
     return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+class _NonMaxSuppression(torch.autograd.Function):
+    """ONNX ``NonMaxSuppression`` with its batch dimension: one independent NMS per image.
+
+    ``boxes [B, M, 4]``, ``scores [B, 1, M]``; candidates with score <= ``score_threshold`` take no
+    part. Returns ``[S, 3]`` int64 rows ``(image, 0, candidate)``, image-major and in decreasing score
+    order within an image, at most ``max_per_image`` per image (the order ONNX Runtime and OpenVINO
+    give; ``nms_per_image`` does not rely on the image-major part). Only used while exporting: the
+    eager ``forward`` is what the tracer runs to get the example values.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, max_per_image: int, iou_threshold: float,
+                score_threshold: float) -> Tensor:
+        rows = []
+        for b in range(boxes.shape[0]):
+            idx = torch.where(scores[b, 0] > score_threshold)[0]
+            keep = idx[nms(boxes[b, idx], scores[b, 0, idx], iou_threshold)[:max_per_image]]
+            rows.append(torch.stack((torch.full_like(keep, b), torch.zeros_like(keep), keep), dim=1))
+        return torch.cat(rows)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, max_per_image: int, iou_threshold: float, score_threshold: float):
+        return g.op(
+            "NonMaxSuppression", boxes, scores,
+            g.op("Constant", value_t=torch.tensor([max_per_image], dtype=torch.int64)),
+            g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float32)),
+            g.op("Constant", value_t=torch.tensor([score_threshold], dtype=torch.float32)),
+        )
+
+
+def nms_per_image(
+    boxes: Tensor, scores: Tensor, groups: Tensor, valid: Tensor, iou_threshold: float, max_per_image: int
+) -> tuple[Tensor, Tensor]:
+    """Class-aware NMS of every image at once; images never suppress each other.
+
+    ``boxes [B, M, 4]``, ``scores [B, M]`` (>= 0), ``groups [B, M]`` (NMS runs per group within an
+    image), ``valid [B, M]`` (candidates that take part). Returns ``(image [S], candidate [S])`` of the
+    kept candidates, at most ``max_per_image`` per image, each image's in decreasing score order.
+
+    Within an image this is exactly torchvision's ``batched_nms`` of its valid candidates (eager:
+    the call itself, which picks per-group NMS or the coordinate offset trick by size, as before;
+    exported: the offset trick that torchvision's traced ``batched_nms`` uses, with each image's own
+    maximum coordinate). The image is ONNX NonMaxSuppression's batch dimension rather than part of
+    the offset, so the offsets, hence the float rounding of the IoUs, do not grow with the batch and
+    an image's result does not depend on the batch it runs in.
+    """
+    if torch.onnx.is_in_onnx_export():
+        masked = torch.where(valid[..., None], boxes, torch.zeros_like(boxes))
+        max_coordinate = masked.amax(dim=(1, 2))
+        offsets = groups.to(boxes) * (max_coordinate[:, None] + 1)
+        scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+        selected = _NonMaxSuppression.apply(boxes + offsets[..., None], scores[:, None], max_per_image,
+                                            float(iou_threshold), -0.5)
+        return selected[:, 0], selected[:, 2]
+    images, candidates = [], []
+    for b in range(boxes.shape[0]):
+        idx = torch.where(valid[b])[0]
+        keep = idx[batched_nms(boxes[b, idx], scores[b, idx], groups[b, idx], iou_threshold)[:max_per_image]]
+        images.append(torch.full_like(keep, b))
+        candidates.append(keep)
+    return torch.cat(images), torch.cat(candidates)
+
+
+def rank_within_image(image: Tensor, image_ids: Tensor) -> Tensor:
+    """Position of each element among the earlier elements of the same image (0, 1, ...);
+    ``image_ids`` = ``arange(B)``. A one-hot running count: no per-image loop, any batch size."""
+    onehot = (image[:, None] == image_ids[None, :]).to(torch.int64)
+    return (onehot.cumsum(0) * onehot).sum(1) - 1
+
+
+def scatter_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
+    """``out`` with ``out[index[i]] = rows[i]`` (one ScatterND when exported)."""
+    out = out.clone()
+    out[index] = rows
+    return out
 
 
 class FixedStrideAnchorGenerator(AnchorGenerator):
@@ -164,7 +250,7 @@ class FixedStrideAnchorGenerator(AnchorGenerator):
             shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1).to(dtype)
             per_level.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
         anchors = torch.cat(per_level)
-        return [anchors for _ in range(image_list.tensors.shape[0])]
+        return [anchors for _ in range(len(image_list.image_sizes))]
 
 
 class LevelMappedRoIAlign(MultiScaleRoIAlign):
@@ -191,8 +277,11 @@ class LevelMappedRoIAlign(MultiScaleRoIAlign):
         return levels.clamp(min=0, max=len(self.level_scales) - 1).to(torch.int64)
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes=None) -> Tensor:
+        return self.pool(x, _convert_to_roi_format(boxes))
+
+    def pool(self, x: dict[str, Tensor], rois: Tensor) -> Tensor:
+        """RoIAlign of ``rois [K, 5]`` = ``(image index, x1, y1, x2, y2)``, each on its level."""
         features = [x[name] for name in self.featmap_names]
-        rois = _convert_to_roi_format(boxes)
         levels = self.level_of(rois)
         pooled, order = [], []
         for level, (feature, scale) in enumerate(zip(features, self.level_scales)):
@@ -213,31 +302,56 @@ class LevelMappedRoIAlign(MultiScaleRoIAlign):
 
 class ProposalNetwork(RegionProposalNetwork):
     """torchvision's RPN with proposal filtering that clips to tensor image sizes (export-safe)
-    and removes boxes with ``w <= min_size or h <= min_size`` as mmdet does."""
+    and removes boxes with ``w <= min_size or h <= min_size`` as mmdet does.
 
-    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+    ``propose`` is the inference path: every image of the batch at once, with no per-image Python
+    loop, so the exported graph serves any batch size. Training goes through torchvision's
+    ``forward``, whose ``filter_proposals`` (overridden here) runs the same selection.
+    """
+
+    def propose(self, images: Tensor, features: list[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Proposals of all images: ``(image [K], boxes [K, 4], rank [K])``, image-major, each image's
+        by decreasing objectness (``rank`` = position within its image, < ``post_nms_top_n``)."""
+        objectness, deltas = self.head(features)
+        # one anchor set for the (padded) batch shape, shared by every image
+        anchors = self.anchor_generator(ImageList(images, [image_sizes[0]]), features)[0]
+        num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        num_images = images.shape[0]
+        anchors = anchors[None].expand(num_images, -1, -1).reshape(-1, 4)
+        proposals = self.box_coder.decode_single(deltas.detach(), anchors).reshape(num_images, -1, 4)
+        image, boxes, _ = self.select_proposals(proposals, objectness, image_sizes, num_anchors_per_level)
+        return image, boxes, rank_within_image(image, torch.arange(num_images, device=image.device))
+
+    def select_proposals(
+        self, proposals: Tensor, objectness: Tensor, image_sizes: Tensor, num_anchors_per_level
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k per level, clip, drop small boxes, NMS per level, keep ``post_nms_top_n``; per image.
+
+        ``proposals [B, A, 4]``, ``objectness`` (``B * A`` logits), ``image_sizes [B, 2]``. Returns
+        ``(image [K], boxes [K, 4], scores [K])``, image-major, each image's by decreasing score.
+        """
         num_images = proposals.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat(
             [torch.full((n,), i, dtype=torch.int64, device=proposals.device) for i, n in enumerate(num_anchors_per_level)]
         )
-        levels = levels.reshape(1, -1).expand_as(objectness)
-        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)
-        batch_idx = torch.arange(num_images, device=proposals.device)[:, None]
-        objectness = torch.sigmoid(objectness[batch_idx, top_n_idx])
-        levels = levels[batch_idx, top_n_idx]
-        proposals = proposals[batch_idx, top_n_idx]
+        top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # [B, k]
+        scores = torch.sigmoid(objectness.gather(1, top_n_idx))
+        levels = levels[top_n_idx]
+        boxes = proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
+        boxes = clip_boxes(boxes, image_sizes)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = (wh[..., 0] > self.min_size) & (wh[..., 1] > self.min_size)
+        image, candidate = nms_per_image(boxes, scores, levels, valid, self.nms_thresh, self.post_nms_top_n())
+        flat = image * boxes.shape[1] + candidate
+        return image, boxes.reshape(-1, 4)[flat], scores.reshape(-1)[flat]
 
-        final_boxes, final_scores = [], []
-        for boxes, scores, lvl, size in zip(proposals, objectness, levels, image_shapes):
-            boxes = clip_boxes(boxes, size)
-            wh = boxes[:, 2:] - boxes[:, :2]
-            keep = torch.where((wh[:, 0] > self.min_size) & (wh[:, 1] > self.min_size))[0]
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
-            final_boxes.append(boxes[keep])
-            final_scores.append(scores[keep])
-        return final_boxes, final_scores
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        sizes = torch.stack([torch.as_tensor(s, dtype=torch.int64, device=proposals.device) for s in image_shapes])
+        image, boxes, scores = self.select_proposals(proposals, objectness, sizes, num_anchors_per_level)
+        counts = torch.bincount(image, minlength=proposals.shape[0]).tolist()
+        return list(boxes.split(counts)), list(scores.split(counts))
 
 
 class DetectionHeads(RoIHeads):
@@ -251,35 +365,79 @@ class DetectionHeads(RoIHeads):
         self.register_buffer("scored_labels", torch.tensor(valid, dtype=torch.int64), persistent=False)
 
     def detect(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: Tensor):
-        """Per image: (boxes [K,4], scores [K], labels [K] internal, masks [K,28,28] probabilities)."""
-        box_features = self.box_head(self.box_roi_pool(features, proposals))
-        class_logits, box_regression = self.box_predictor(box_features)
-        pred_boxes = self.box_coder.decode(box_regression, proposals)
-        pred_scores = F.softmax(class_logits, -1)
+        """Per image: (boxes [K,4], scores [K], labels [K] internal, masks [K,28,28] probabilities),
+        from per-image proposal lists (the inference path uses ``detect_padded``)."""
         counts = [p.shape[0] for p in proposals]
+        device = image_sizes.device
+        image = torch.cat([torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(counts)])
+        rank = torch.cat([torch.arange(n, device=device) for n in counts])
+        det_image, boxes, scores, labels, probs = self.detections(
+            features, image, torch.cat(proposals), rank, image_sizes, max(counts, default=0))
+        split = torch.bincount(det_image, minlength=len(proposals)).tolist()
+        return list(zip(boxes.split(split), scores.split(split), labels.split(split), probs.split(split)))
 
-        results = []
-        for i, (boxes, scores) in enumerate(zip(pred_boxes.split(counts), pred_scores.split(counts))):
-            boxes = clip_boxes(boxes, image_sizes[i])[:, self.scored_labels]
-            scores = scores[:, self.scored_labels]
-            labels = self.scored_labels.view(1, -1).expand_as(scores)
-            boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-            keep = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            if self.box_min_size > 0:
-                wh = boxes[:, 2:] - boxes[:, :2]
-                keep = torch.where((wh[:, 0] >= self.box_min_size) & (wh[:, 1] >= self.box_min_size))[0]
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append((boxes[keep], scores[keep], labels[keep]))
+    def detect_padded(
+        self, features: dict[str, Tensor], image: Tensor, proposals: Tensor, rank: Tensor, image_sizes: Tensor,
+        slots_per_image: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Detections of all images at once, padded: ``dets [B, N, 5]``, ``labels [B, N]`` (output
+        class index, -1 = padding), ``masks [B, N, 28, 28]``, N = ``detections_per_img``; each
+        image's rows at ``image * N + rank`` (rank = position by score within the image)."""
+        num_images = image_sizes.shape[0]
+        det_image, det_boxes, det_scores, det_labels, probs = self.detections(
+            features, image, proposals, rank, image_sizes, slots_per_image)
+        n = self.detections_per_img
+        mask_hw = tuple(int(v) for v in probs.shape[1:])  # 28 x 28 by architecture: static in the graph
+        out = det_image * n + rank_within_image(det_image, torch.arange(num_images, device=image.device))
+        dets = scatter_rows(det_boxes.new_zeros((num_images * n, 5)), out,
+                            torch.cat((det_boxes, det_scores[:, None]), dim=1))
+        classes = scatter_rows(det_labels.new_full((num_images * n,), -1), out, self.label_to_class[det_labels])
+        masks = scatter_rows(probs.new_zeros((num_images * n, *mask_hw)), out, probs)
+        return dets.reshape(-1, n, 5), classes.reshape(-1, n), masks.reshape(-1, n, *mask_hw)
 
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, [r[0] for r in results])))
-        masks_per_image = mask_logits.split([r[0].shape[0] for r in results])
-        out = []
-        for (boxes, scores, labels), logits in zip(results, masks_per_image):
-            index = torch.arange(logits.shape[0], device=labels.device)
-            out.append((boxes, scores, labels, logits[index, labels].sigmoid()))
-        return out
+    def detections(
+        self, features: dict[str, Tensor], image: Tensor, proposals: Tensor, rank: Tensor, image_sizes: Tensor,
+        slots_per_image: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Box head, per-image class-aware NMS and mask head for the proposals of all images.
+
+        ``image [K]``, ``proposals [K, 4]`` and ``rank [K]`` (position within its image, below
+        ``slots_per_image``) as ``ProposalNetwork.propose`` gives them. Each image's (proposal, class)
+        candidates are laid out densely as ``[B, slots_per_image * classes]`` (unused slots invalid)
+        for the per-image NMS, in the order the per-image code had them, so ties break the same way.
+        Returns ``(image [D], boxes [D, 4], scores [D], internal labels [D], mask probabilities
+        [D, 28, 28])``, at most ``detections_per_img`` per image, each image's by decreasing score.
+        """
+        num_images = image_sizes.shape[0]
+        rois = torch.cat((image.to(proposals.dtype)[:, None], proposals), dim=1)
+        box_features = self.box_head(self.box_roi_pool.pool(features, rois))
+        class_logits, box_regression = self.box_predictor(box_features)
+        boxes = self.box_coder.decode(box_regression, [proposals])
+        boxes = clip_boxes(boxes, image_sizes[image])[:, self.scored_labels]  # [K, C, 4]
+        scores = F.softmax(class_logits, -1)[:, self.scored_labels]  # [K, C]
+        num_classes = scores.shape[1]
+
+        slot = image * slots_per_image + rank
+        dense_boxes = scatter_rows(boxes.new_zeros((num_images * slots_per_image, num_classes, 4)), slot, boxes)
+        dense_scores = scatter_rows(scores.new_full((num_images * slots_per_image, num_classes), -1.0), slot, scores)
+        dense_boxes = dense_boxes.reshape(num_images, -1, 4)
+        dense_scores = dense_scores.reshape(num_images, -1)
+        labels = self.scored_labels.repeat(slots_per_image)[None].expand_as(dense_scores)
+        valid = dense_scores > self.score_thresh
+        if self.box_min_size > 0:
+            wh = dense_boxes[..., 2:] - dense_boxes[..., :2]
+            valid = valid & (wh[..., 0] >= self.box_min_size) & (wh[..., 1] >= self.box_min_size)
+        det_image, candidate = nms_per_image(dense_boxes, dense_scores, labels, valid, self.nms_thresh,
+                                             self.detections_per_img)
+        flat = det_image * dense_scores.shape[1] + candidate
+        det_boxes = dense_boxes.reshape(-1, 4)[flat]
+        det_scores = dense_scores.reshape(-1)[flat]
+        det_labels = labels.reshape(-1)[flat]
+
+        mask_rois = torch.cat((det_image.to(det_boxes.dtype)[:, None], det_boxes), dim=1)
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool.pool(features, mask_rois)))
+        index = torch.arange(mask_logits.shape[0], device=det_labels.device)
+        return det_image, det_boxes, det_scores, det_labels, mask_logits[index, det_labels].sigmoid()
 
 
 class MaskRCNN(nn.Module):
@@ -338,19 +496,9 @@ class MaskRCNN(nn.Module):
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features(images)
-        sizes = [image_sizes[i] for i in range(images.shape[0])]
-        proposals, _ = self.rpn(ImageList(images, sizes), features)
-        detections = self.roi_heads.detect(features, proposals, image_sizes)
-        n = self.config.detections_per_img
-        dets, labels, masks = [], [], []
-        for boxes, scores, internal_labels, probs in detections:
-            k = boxes.shape[0]
-            det = torch.cat((boxes, scores[:, None]), dim=1)
-            dets.append(F.pad(det, (0, 0, 0, n - k)))
-            cls = self.roi_heads.label_to_class[internal_labels]
-            labels.append(F.pad(cls, (0, n - k), value=-1))
-            masks.append(F.pad(probs, (0, 0, 0, 0, 0, n - k)))
-        return torch.stack(dets), torch.stack(labels), torch.stack(masks)
+        image, proposals, rank = self.rpn.propose(images, list(features.values()), image_sizes)
+        return self.roi_heads.detect_padded(features, image, proposals, rank, image_sizes,
+                                            self.rpn.post_nms_top_n())
 
 
 def build_model(origin: str, **overrides) -> MaskRCNN:

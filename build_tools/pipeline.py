@@ -213,7 +213,8 @@ def compile_step(
         if calib_images is None:
             raise BuildError("int8 needs --calib-images DIR (real images like the ones you will serve)")
         calib_paths = list_images(calib_images, calib_count)
-        calibration = calibration_feeds(calib_paths, spec, info["batch_size"])
+        # a mutable graph is calibrated one image per batch: no all-zero padding images in the statistics
+        calibration = calibration_feeds(calib_paths, spec, 1 if info.get("shape_mutable") else info["batch_size"])
     model_file, facts = engine_backend.compile(Path(export_dir) / "model.onnx", staging, precision, calibration)
     manifest = build_manifest(info, backend, precision, model_file, facts)
     if choice is not None:

@@ -66,7 +66,7 @@ class EngineLoop:
         ]
         spec = InputSpec.from_manifest_input(self.engines[0].manifest.input)
         rgb = decode_image(image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side)
-        self.batch_size = self.engines[0].batch_size or settings.max_batch_size
+        self.batch_size = self.engines[0].batch_size or min(settings.max_batch_size, self.engines[0].manifest.max_batch_size)
         self.batch, self.sizes = pad_batch(
             [prepare_image(rgb, spec)] * self.batch_size, spec.pad_divisor, batch_size=self.engines[0].batch_size
         )
