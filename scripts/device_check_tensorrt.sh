@@ -140,7 +140,7 @@ build_and_measure() {
             step "$name-vs-ort" 180 "$PY" - "$WORK/ort-fp32-b1" "$WORK/$name" "$WORK/photos" "$OUT/$name.vs-ort.json" <<'EOF'
 import json, sys
 sys.path.insert(0, "tests")
-from test_backend_tensorrt import EngineAsReference  # the adapter the parity test uses
+from engine_reference import EngineAsReference  # the adapter the parity tests use
 from build_tools.pipeline import input_spec_of
 from build_tools.verify import Tolerance, check_tolerance, list_images, verify
 from service.backends import load_engine

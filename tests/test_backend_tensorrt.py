@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from build_tools.pipeline import BuildError, compile_step, input_spec_of
 from build_tools.verify import Tolerance, check_tolerance, list_images, verify
@@ -15,21 +14,12 @@ from service.backends import BackendUnavailable, backend_names, get_backend, loa
 from service.backends.base import UnsupportedPrecision
 from service.manifest import Manifest
 
+from engine_reference import EngineAsReference
+
 tensorrt = get_backend("tensorrt")
 ok, reason = tensorrt.available()
 needs_tensorrt = pytest.mark.skipif(not ok, reason=reason)
 without_tensorrt = pytest.mark.skipif(ok, reason="TensorRT and a GPU are present here")
-
-
-class EngineAsReference:
-    """Lets ``verify`` use an engine as the reference, in place of the eager model it calls."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __call__(self, images: torch.Tensor, image_sizes: torch.Tensor):
-        out = self.engine.infer(images.numpy(), image_sizes.numpy())
-        return tuple(torch.from_numpy(out[name]) for name in ("dets", "labels", "masks"))
 
 
 def test_registered_with_its_precisions():

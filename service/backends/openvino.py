@@ -7,6 +7,8 @@ post-training quantisation calibrated on real images, saved as an int8 IR).
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,9 +88,14 @@ class OpenVinoEngine:
 
         self.manifest = manifest
         hint = manifest.tools.get("backend", {}).get("inference_precision_hint", "f32")
-        config = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        # one worker drives one engine with one infer request, so LATENCY (one stream using all the
+        # threads) is the default; MASKRCNN_OPENVINO_STREAMS / _PERFORMANCE_HINT override for other layouts
+        config = {"INFERENCE_PRECISION_HINT": hint,
+                  "PERFORMANCE_HINT": os.environ.get("MASKRCNN_OPENVINO_PERFORMANCE_HINT", "LATENCY")}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
+        if os.environ.get("MASKRCNN_OPENVINO_STREAMS"):
+            config["NUM_STREAMS"] = os.environ["MASKRCNN_OPENVINO_STREAMS"]
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
         if len(self.compiled.outputs) != len(OUTPUT_NAMES):
