@@ -22,8 +22,8 @@ the fastest backend among those within the precision's AP bound (when AP was mea
     python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
         --precisions fp32,bf16,int8 --calib-images DIR --ap-images DIR \\
         --write-choice build_tools/backend_choice.json
-    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \
-        --precisions fp32,bf16,int8 --calib-images .cache/demo/data/train --gt-data .cache/demo/data \
+    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
+        --precisions fp32,bf16,int8 --calib-images .cache/demo/data/train --gt-data .cache/demo/data \\
         --gt-limit 20 --write-choice build_tools/backend_choice.json
 """
 

@@ -18,7 +18,7 @@ second of phase) and its other answers by status (transport failures by exceptio
 ``--rss-interval`` seconds over the whole run; ``--soak`` then compares the mean of the last third
 of the samples with the first third and exits 1 when it grew by more than ``--max-rss-growth``.
 
-    maskrcnn-loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4 --rate 0.5 --requests 20 \
+    maskrcnn-loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4 --rate 0.5 --requests 20 \\
         --duration 60 --server-pid "$(pgrep -f 'maskrcnn-serve')"
 """
 
