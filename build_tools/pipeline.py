@@ -133,13 +133,27 @@ def sample_photographs(limit: int | None = None) -> list[Path]:
     return paths[:limit] if limit else paths
 
 
+def shape_profile_of(info: dict) -> dict:
+    """The shapes an export serves: its batch (fixed, or 1..max when mutable) and the H, W range
+    the host preprocessing produces (pad divisor up to the padded long edge)."""
+    config = info["inference_config"]
+    long_edge, short_edge = config["resize_scale"]
+    div = config["pad_divisor"]
+    round_up = lambda v: -(-v // div) * div  # noqa: E731
+    return {
+        # a mutable graph runs any batch; batch_size was given as the largest one to serve
+        "batch": ({"mutable": True, "min": 1, "max": info["batch_size"]} if info.get("shape_mutable")
+                  else {"mutable": False, "size": info["batch_size"]}),
+        "min_hw": [div, div],
+        "opt_hw": [round_up(short_edge), round_up(long_edge)],
+        "max_hw": [round_up(long_edge), round_up(long_edge)],
+    }
+
+
 def build_manifest(info: dict, backend: str, precision: str, model_file: str, backend_facts: dict) -> Manifest:
     config = info["inference_config"]
     spec = input_spec_of(config)
     n = config["detections_per_img"]
-    long_edge, short_edge = config["resize_scale"]
-    div = config["pad_divisor"]
-    round_up = lambda v: -(-v // div) * div  # noqa: E731
     return Manifest(
         backend=backend,
         precision=precision,
@@ -147,14 +161,7 @@ def build_manifest(info: dict, backend: str, precision: str, model_file: str, ba
         origin=config["origin"] if info["checkpoint"]["format"] != "random-init" else "random-init",
         input={**spec.to_manifest_input(), "names": list(INPUT_NAMES),
                "image_sizes": "int64 [B, 2]: (h, w) of each image's valid region"},
-        shape_profile={
-            # a mutable graph runs any batch; batch_size was given as the largest one to serve
-            "batch": ({"mutable": True, "min": 1, "max": info["batch_size"]} if info.get("shape_mutable")
-                      else {"mutable": False, "size": info["batch_size"]}),
-            "min_hw": [div, div],
-            "opt_hw": [round_up(short_edge), round_up(long_edge)],
-            "max_hw": [round_up(long_edge), round_up(long_edge)],
-        },
+        shape_profile=shape_profile_of(info),
         outputs={
             "dets": {"dtype": "float32", "shape": ["B", n, 5], "meaning": "x1, y1, x2, y2, score in input pixels"},
             "labels": {"dtype": "int64", "shape": ["B", n], "meaning": "class index (see classes); -1 = padding"},
@@ -215,7 +222,9 @@ def compile_step(
         calib_paths = list_images(calib_images, calib_count)
         # a mutable graph is calibrated one image per batch: no all-zero padding images in the statistics
         calibration = calibration_feeds(calib_paths, spec, 1 if info.get("shape_mutable") else info["batch_size"])
-    model_file, facts = engine_backend.compile(Path(export_dir) / "model.onnx", staging, precision, calibration)
+    # backends that build for a shape range (TensorRT profiles, MagicMind dim_range) take the manifest's
+    model_file, facts = engine_backend.compile(Path(export_dir) / "model.onnx", staging, precision, calibration,
+                                               shape_profile=shape_profile_of(info))
     manifest = build_manifest(info, backend, precision, model_file, facts)
     if choice is not None:
         manifest.tools["backend_choice"] = choice
