@@ -170,7 +170,9 @@ def _report_header(manifests: list[Manifest | None]) -> str:
             f"indicative; engine = infer only, eager PyTorch with {t['threads']} threads = engine threads; "
             f"scripts/bench_build.py times a fixed 800x1333 input)\n"
             f"  AP delta = AP points lost against eager PyTorch fp32: 100 x (1 - AP) of the engine's detections "
-            f"scored against the reference's own")
+            f"scored against the reference's own (not ground truth: every reshuffled low-score detection counts, "
+            f"so reduced precisions show tens of points here while their ground-truth AP moves well under 1 "
+            f"point on the demo model; scripts/bench_build.py --gt-data measures that)")
 
 
 def _report_line(backend: str, precision: str, manifest: Manifest | None, error: str | None = None) -> str:
@@ -180,7 +182,7 @@ def _report_line(backend: str, precision: str, manifest: Manifest | None, error:
     facts = _report_facts(manifest)
     if facts is None:
         return f"report: {name}: not verified, no AP delta or timing"
-    return (f"report: {name}: AP delta vs fp32 reference box {_points(facts['box'])}, mask {_points(facts['mask'])} "
+    return (f"report: {name}: AP delta vs fp32 reference's detections box {_points(facts['box'])}, mask {_points(facts['mask'])} "
             f"points; engine {facts['engine']:.3f} s/img, eager {facts['eager']:.3f} s/img, "
             f"speedup {facts['speedup']:.2f}x" + ("" if facts["passed"] else " (parity FAILED)"))
 
