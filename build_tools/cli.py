@@ -56,7 +56,7 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                         "this kind of CPU, from --backend-choice")
     p.add_argument("--backend-choice", default=str(BACKEND_CHOICE), metavar="JSON",
                    help="the table --backend auto reads (default build_tools/backend_choice.json, written by "
-                        "scripts/bench_build.py --write-choice)")
+                        "scripts/bench/build.py --write-choice)")
     p.add_argument("--precision", action="append", type=_precision_list, default=None, metavar="P[,P...]",
                    help=f"fp32 (default), bf16, int8, ... or the seed's aliases ({', '.join(PRECISION_ALIASES)}); "
                         "repeat or give a comma list to build one artifact per precision, in OUT/<backend>-<precision>")
@@ -168,11 +168,11 @@ def _report_header(manifests: list[Manifest | None]) -> str:
     t = timed[0]
     return (f"precision report (timing from verify: median s/image over only {t['images']} verify image(s), so "
             f"indicative; engine = infer only, eager PyTorch with {t['threads']} threads = engine threads; "
-            f"scripts/bench_build.py times a fixed 800x1333 input)\n"
+            f"scripts/bench/build.py times a fixed 800x1333 input)\n"
             f"  AP delta = AP points lost against eager PyTorch fp32: 100 x (1 - AP) of the engine's detections "
             f"scored against the reference's own (not ground truth: every reshuffled low-score detection counts, "
             f"so reduced precisions show tens of points here while their ground-truth AP moves well under 1 "
-            f"point on the demo model; scripts/bench_build.py --gt-data measures that)")
+            f"point on the demo model; scripts/bench/build.py --gt-data measures that)")
 
 
 def _report_line(backend: str, precision: str, manifest: Manifest | None, error: str | None = None) -> str:

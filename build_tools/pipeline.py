@@ -293,10 +293,10 @@ def load_backend_choice(path: str | Path | None = None) -> dict:
     except (OSError, ValueError) as exc:
         raise BuildError(
             f"--backend auto reads {path}, which cannot be read ({exc}); write it with "
-            "`python -m scripts.bench_build --export DIR --write-choice PATH` or name a backend"
+            "`python -m scripts.bench.build --export DIR --write-choice PATH` or name a backend"
         ) from exc
     if not isinstance(table.get("choice"), dict):
-        raise BuildError(f"{path} has no \"choice\" table; regenerate it with scripts/bench_build.py --write-choice")
+        raise BuildError(f"{path} has no \"choice\" table; regenerate it with scripts/bench/build.py --write-choice")
     return table
 
 

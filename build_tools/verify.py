@@ -17,7 +17,7 @@ same host postprocess the service uses:
   inputs (engine: ``infer`` alone, and with the host postprocess), eager PyTorch running with as
   many torch threads as the engine has (one warm-up batch each when fewer than 3); ``ratio_to_eager`` =
   engine / eager. The verify set is a few images of varied sizes, so these are indicative;
-  ``scripts/bench_build.py`` times engines at a fixed input.
+  ``scripts/bench/build.py`` times engines at a fixed input.
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ try:
     for name in ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png"):
         shutil.copyfile(Path(skimage.data_dir) / name, folder / name)
 except ImportError:
-    from scripts.bench_service import synthetic_photo
+    from scripts.bench.service import synthetic_photo
     for h, w in ((480, 640), (640, 480), (600, 800), (768, 1024)):
         (folder / f"synthetic_{h}x{w}.jpg").write_bytes(synthetic_photo(h, w))
 EOF
@@ -152,11 +152,11 @@ json.dump(report, open(sys.argv[4], "w"), indent=2)
 print(json.dumps(report, indent=2))
 EOF
         fi
-        step "$name-perf" 120 "$PY" -m scripts.perf --engine "$WORK/$name" --iterations 20 --warmup 3 \
+        step "$name-perf" 120 "$PY" -m scripts.tools.perf --engine "$WORK/$name" --iterations 20 --warmup 3 \
             --json "$OUT/$name.perf.json"
     done
     if [ "$b" -eq 1 ]; then
-        step ort-fp32-b1-perf 120 "$PY" -m scripts.perf --engine "$WORK/ort-fp32-b1" --iterations 5 --warmup 1 \
+        step ort-fp32-b1-perf 120 "$PY" -m scripts.tools.perf --engine "$WORK/ort-fp32-b1" --iterations 5 --warmup 1 \
             --json "$OUT/ort-fp32-b1.perf.json"
     fi
 }

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         4, ge=1, le=256, description="Most images per engine call (a fixed-batch engine uses its own size)."
     )
     # 0: batches form only from images already queued while the engine is busy. Measured on the
-    # 2-core CPU (scripts/bench_batch.py, mutable-batch engines): batch 2 and 4 give 0.93-1.04x the
+    # 2-core CPU (scripts/bench/batch.py, mutable-batch engines): batch 2 and 4 give 0.93-1.04x the
     # throughput of batch 1 for every backend and precision, so waiting to fill a batch buys nothing
     # there and costs latency; raise it on hardware where batching pays (GPUs).
     max_wait_ms: float = Field(0.0, ge=0, le=10_000, description="How long a batch waits to fill after its first image.")

@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from scripts.bench_service import synthetic_photo
+from scripts.bench.service import synthetic_photo
 from service.backends import load_engine
 from service.manifest import Manifest, ManifestError
 from service.preprocess import InputSpec, pad_batch, prepare_image

@@ -10,7 +10,7 @@ Workload per image: 100 detections with box sides log-uniform in [2 %, 90 %] of 
 (about 5 image areas of pasted region in total, a busy COCO image), smooth blob-shaped 28x28
 masks. Torch runs with 1 thread, as one service worker thread would.
 
-    python -m scripts.bench_postprocess [--repeats 20]
+    python -m scripts.bench.postprocess [--repeats 20]
 """
 
 from __future__ import annotations

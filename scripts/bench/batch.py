@@ -8,7 +8,7 @@ max; a fixed-batch artifact runs only its own B. Passes of all (artifact, B) pai
 load from other processes hits them alike. Throughput = images per pass / median pass time; the
 ratio is to batch 1 of the same artifact (or, when it cannot run batch 1, to the first artifact's).
 
-    python -m scripts.bench_batch --engine artifacts/ort-mut4 [--engine artifacts/ort-b2] \\
+    python -m scripts.bench.batch --engine artifacts/ort-mut4 [--engine artifacts/ort-b2] \\
         [--batches 1,2,4] [--iterations 5] [--json bench_batch.json]
 """
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic COCO-layout dataset generator (`scripts/demo_data.py`,
+"""Tests of the synthetic COCO-layout dataset generator (`scripts/demo/data.py`,
 `maskrcnn-demo data`)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from scripts import demo_cli
-from scripts.demo_data import (
+from scripts.demo import cli as demo_cli
+from scripts.demo.data import (
     GenerationSettings,
     InvalidSettingsError,
     OutputNotEmptyError,

@@ -12,7 +12,7 @@ share of the service phase its engine was busy (near 100 % means the service kee
 saturated; this share does not move with outside load the way the ratio does) and per-stage
 means that show where the service's time goes.
 
-    python -m scripts.bench_service --engine ARTIFACT_DIR [--images 8] [--rounds 3]
+    python -m scripts.bench.service --engine ARTIFACT_DIR [--images 8] [--rounds 3]
 
 The goal is service / engine >= 0.95: everything around the engine costs under 5 %.
 """

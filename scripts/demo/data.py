@@ -534,7 +534,7 @@ def _write_split(
         bar.update()
     dataset = {
         "info": {
-            "description": "maskrcnn-serve synthetic shapes (scripts/demo_data.py)",
+            "description": "maskrcnn-serve synthetic shapes (scripts/demo/data.py)",
             "seed": seed,
             "split": split,
             "min_size": settings.min_size,

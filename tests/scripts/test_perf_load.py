@@ -1,4 +1,4 @@
-"""`maskrcnn-perf` (scripts/perf.py) and `maskrcnn-loadtest` (scripts/loadtest.py).
+"""`maskrcnn-perf` (scripts/tools/perf.py) and `maskrcnn-loadtest` (scripts/tools/loadtest.py).
 
 The load test runs against the real app (``create_app``) served by uvicorn from a thread, with a
 stand-in engine that answers each image with one fixed detection after a short sleep: the bounds
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import uvicorn
 
-from scripts import loadtest, perf
+from scripts.tools import loadtest, perf
 from service.app import create_app
 from service.manifest import Manifest
 from service.preprocess import InputSpec

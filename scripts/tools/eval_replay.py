@@ -17,7 +17,7 @@ Failures: transport errors and 429/500/502/503/504 answers are retried with expo
 (Retry-After honoured); an image that still fails, or gets any other error answer, is listed by
 image id, nothing is written to ``--out`` and the exit status is 1. Rerun to retry just those.
 
-``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.demo_eval``'s reference
+``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.demo.eval``'s reference
 writer: the service's own host pre/postprocessing around the model). SOURCE is a checkpoint
 (file or published name) or an engine artifact folder, whose manifest names the checkpoint and
 inference config it was built from. These are the reference results a service run is compared with.
@@ -45,7 +45,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from scripts.perf import PerfError, latency_summary
+from scripts.tools.perf import PerfError, latency_summary
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 AP_NAMES = STAT_NAMES[:6]
@@ -337,7 +337,7 @@ def eager_model(source: str, score_threshold: float | None):
     from service.manifest import MANIFEST_NAME, Manifest
 
     if (Path(source) / MANIFEST_NAME).is_file():
-        from scripts.perf import eager_reference
+        from scripts.tools.perf import eager_reference
 
         return eager_reference(Manifest.load(source), score_threshold)
     from build_tools.checkpoint import CheckpointError, load_checkpoint
@@ -352,7 +352,7 @@ def eager_model(source: str, score_threshold: float | None):
 @contextlib.contextmanager
 def split_layout(dataset: Dataset) -> Iterator[tuple[Path, str]]:
     """``(data_dir, split)`` such that ``data_dir/annotations/instances_<split>.json`` and
-    ``data_dir/<split>/`` are the dataset's files (``scripts.demo_eval``'s layout): the dataset's
+    ``data_dir/<split>/`` are the dataset's files (``scripts.demo.eval``'s layout): the dataset's
     own folders when they are laid out so, else symbolic links in a temporary folder."""
     split = dataset.images.name
     if dataset.annotations.resolve() == (dataset.images.parent / "annotations" / f"instances_{split}.json").resolve():
@@ -370,7 +370,7 @@ def write_eager_results(source: str, dataset: Dataset, out: Path, *, score_thres
     """Run the eager model over the dataset's images; write the results JSON. Returns seconds taken."""
     import torch
 
-    from scripts.demo_eval import write_reference_results
+    from scripts.demo.eval import write_reference_results
 
     if threads is not None:
         torch.set_num_threads(threads)

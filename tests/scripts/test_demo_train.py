@@ -1,4 +1,4 @@
-"""Tests of the demo trainer and evaluator (`scripts/demo_train.py`, `scripts/demo_eval.py`):
+"""Tests of the demo trainer and evaluator (`scripts/demo/train.py`, `scripts/demo/eval.py`):
 a few steps on 128x128 crops of a tiny synthetic dataset, interrupted and resumed, written as an
 mmdet checkpoint and evaluated through the service's host code."""
 
@@ -15,10 +15,10 @@ import torch
 
 from build_tools.checkpoint import load_checkpoint
 from build_tools.model import InferenceConfig
-from scripts import demo_cli
-from scripts.demo_data import GenerationSettings, write_dataset
-from scripts.demo_eval import coco_ap, write_reference_results
-from scripts.demo_train import (
+from scripts.demo import cli as demo_cli
+from scripts.demo.data import GenerationSettings, write_dataset
+from scripts.demo.eval import coco_ap, write_reference_results
+from scripts.demo.train import (
     LOSS_NAMES,
     StopRequest,
     TrainingCrops,

@@ -39,9 +39,9 @@ from urllib.parse import parse_qsl
 import httpx
 import numpy as np
 
-from scripts.bench_service import synthetic_photo
-from scripts.eval_replay import image_content_type
-from scripts.perf import latency_summary
+from scripts.bench.service import synthetic_photo
+from scripts.tools.eval_replay import image_content_type
+from scripts.tools.perf import latency_summary
 
 EXIT_SOAK_FAILED = 1
 

@@ -1,6 +1,6 @@
 """The precision report of a build (AP points lost and time per image against eager fp32),
 ``--backend auto`` through build_tools/backend_choice.json, several precisions per ``all``, and
-the per backend/precision table of scripts/bench_build.py. Real exports and engines throughout
+the per backend/precision table of scripts/bench/build.py. Real exports and engines throughout
 (the cached random-init R50-FPN of tests/conftest.py)."""
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def test_checked_in_backend_choice_table_is_honest_and_resolves():
     table = json.loads(BACKEND_CHOICE.read_text())
     measured = table["measured"]
     assert measured["quality"] in ("smoke", "full")
-    assert {"date", "command", "cpu"} <= set(measured) and "scripts.bench_build" in measured["command"]
+    assert {"date", "command", "cpu"} <= set(measured) and "scripts.bench.build" in measured["command"]
     for precision, entry in table["choice"].items():
         assert entry["backend"] in backend_names() and entry["why"]
         assert precision in get_backend(entry["backend"]).PRECISIONS
@@ -99,7 +99,7 @@ def test_checked_in_backend_choice_table_is_honest_and_resolves():
 
 
 def test_choice_keeps_precisions_within_their_ap_bound():
-    from scripts.bench_build import choose_backends
+    from scripts.bench.build import choose_backends
 
     rows = [
         {"kind": "engine", "backend": "openvino", "precision": "int8", "median_s": 1.0, "ratio_to_eager": 0.3,
@@ -155,7 +155,8 @@ def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_pa
 
 
 def test_bench_build_rows_per_backend_and_precision(export_dir, photos, tmp_path):
-    from scripts import bench_build, demo_data
+    from scripts.bench import build as bench_build
+    from scripts.demo import data as demo_data
 
     gt_data = tmp_path / "data"
     assert demo_data.main(["--out", str(gt_data), "--train", "0", "--val", "1", "--objects-per-image", "3"]) == 0

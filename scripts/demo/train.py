@@ -482,7 +482,7 @@ def train(
     finished = iteration >= settings.iterations and stop_request.signum is None
     if finished:
         save_mmdet_checkpoint(to_inference_model(model), out, meta={
-            "source": "maskrcnn-demo train (scripts/demo_train.py)",
+            "source": "maskrcnn-demo train (scripts/demo/train.py)",
             "data": str(data_dir),
             "iterations": iteration,
             "settings": asdict(settings),

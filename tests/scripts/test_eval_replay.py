@@ -1,4 +1,4 @@
-"""`maskrcnn-eval` (scripts/eval_replay.py): replay against a live service, resume, failures, reference.
+"""`maskrcnn-eval` (scripts/tools/eval_replay.py): replay against a live service, resume, failures, reference.
 
 The live-service tests share one ``maskrcnn-serve`` subprocess on the cached random-init engine
 (score threshold 0: 100 detections per image) and a 3-image synthetic dataset; every inference
@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools.coco import COCO
 
-from scripts.demo_data import write_dataset
-from scripts.eval_replay import EvalError, Finished, ImageFailed, ProgressLog, Replay, RetryPolicy, main
+from scripts.demo.data import write_dataset
+from scripts.tools.eval_replay import EvalError, Finished, ImageFailed, ProgressLog, Replay, RetryPolicy, main
 
 BIN = Path(sys.executable).parent
 IMAGES = 3

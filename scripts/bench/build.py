@@ -18,11 +18,11 @@ stricter).
 ``--write-choice PATH`` writes the table ``maskrcnn-build --backend auto`` reads: per precision,
 the fastest backend among those within the precision's AP bound (when AP was measured).
 
-    python -m scripts.bench_build --engine artifacts/fp32 --engine artifacts/int8 [--image IMG]
-    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
+    python -m scripts.bench.build --engine artifacts/fp32 --engine artifacts/int8 [--image IMG]
+    python -m scripts.bench.build --export EXPORT_DIR --backends onnxruntime,openvino \\
         --precisions fp32,bf16,int8 --calib-images DIR --ap-images DIR \\
         --write-choice build_tools/backend_choice.json
-    python -m scripts.bench_build --export EXPORT_DIR --backends onnxruntime,openvino \\
+    python -m scripts.bench.build --export EXPORT_DIR --backends onnxruntime,openvino \\
         --precisions fp32,bf16,int8 --calib-images .cache/demo/data/train --gt-data .cache/demo/data \\
         --gt-limit 20 --write-choice build_tools/backend_choice.json
 """
@@ -134,7 +134,7 @@ def _gt_scores(detections, image_ids, gt_data: str, split: str) -> dict[str, flo
     """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of the dataset."""
     import tempfile
 
-    from scripts.demo_eval import coco_ap
+    from scripts.demo.eval import coco_ap
     from service.manifest import COCO_CATEGORY_IDS
     from service.response import coco_body
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gt_prepared, gt_ids, gt_eager = None, None, None
     if args.gt_data:
-        from scripts.demo_eval import _quiet_coco, split_paths
+        from scripts.demo.eval import _quiet_coco, split_paths
 
         ann, gt_dir = split_paths(args.gt_data, args.gt_split)
         coco = _quiet_coco(ann)
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 "quality": "smoke" if reasons else "full",
                 "quality_reasons": reasons,
                 "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": "python -m scripts.bench_build " + shlex.join(sys.argv[1:] if argv is None else argv),
+                "command": "python -m scripts.bench.build " + shlex.join(sys.argv[1:] if argv is None else argv),
                 "cpu": cpu_facts(),
                 "threads": threads,
                 "load_average_at_start": load_at_start,

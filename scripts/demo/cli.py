@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from scripts import demo_data, demo_eval, demo_train
+from scripts.demo import data as demo_data, eval as demo_eval, train as demo_train
 
 # name -> (entry point taking the arguments after the name, one-line help)
 SUBCOMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {

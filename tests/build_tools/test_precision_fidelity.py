@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CACHE, ROOT, _build_into, _key
-from scripts.bench_build import AP_BOUNDS
+from scripts.bench.build import AP_BOUNDS
 from service.backends import get_backend
 
 DEMO = Path(os.environ.get("MASKRCNN_DEMO_CHECKPOINT", ROOT / ".cache/demo/demo_mask_rcnn.pth"))
@@ -47,7 +47,7 @@ def rows(tmp_path_factory):
     """One bench_build run: eager fp32 and every case on the first GT_IMAGES demo val images."""
     from build_tools.checkpoint import sha256_of
     from build_tools.pipeline import export_step
-    from scripts import bench_build
+    from scripts.bench import build as bench_build
 
     export = CACHE / f"demo-export-b1-{sha256_of(DEMO)[:12]}-{_key(demo=True)}"
     if not (export / "export.json").is_file():
