@@ -11,21 +11,69 @@ each box.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from build_tools.model import MaskRCNN
+from build_tools.errors import BuildError
+from build_tools.model import InferenceConfig, MaskRCNN
+from service.backends.base import INPUT_NAMES, OUTPUT_NAMES
+from service.manifest import CheckpointInfo
 
-INPUT_NAMES = ("images", "image_sizes")
-OUTPUT_NAMES = ("dets", "labels", "masks")
 OPSET = 17
 MASK_SIZE = 28
+EXPORT_INFO = "export.json"
 
 
 class ExportError(RuntimeError):
     """The requested export cannot be produced (e.g. an unsupported shape mode)."""
+
+
+class ExportInfo(BaseModel):
+    """``export.json``: what produced an export folder's ``model.onnx``.
+
+    Attributes:
+        checkpoint: the weights (file and sha256, or the random-init seed).
+        inference_config: the test settings traced into the graph.
+        batch_size: the graph's fixed batch, or the largest batch of a mutable one.
+        shape_mutable: the batch axis is dynamic (1..``batch_size``).
+        opset: ONNX opset of the graph.
+        onnx_sha256: sha256 (hex) of ``model.onnx``.
+        tools: versions of the tools that exported it (``python``, ``torch``, ``onnx``, ...).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: CheckpointInfo
+    inference_config: InferenceConfig
+    batch_size: int
+    shape_mutable: bool = False
+    opset: int
+    onnx_sha256: str
+    tools: dict[str, str]
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / EXPORT_INFO
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+
+def read_export_info(export_dir: str | Path) -> ExportInfo:
+    """The validated ``export.json`` of an export folder.
+
+    Raises:
+        BuildError: the folder has no ``export.json``, or it cannot be read or is malformed.
+    """
+    path = Path(export_dir) / EXPORT_INFO
+    if not path.is_file():
+        raise BuildError(f"{export_dir} is not an export folder ({EXPORT_INFO} missing); run `maskrcnn-build export` first")
+    try:
+        return ExportInfo.model_validate_json(path.read_text())
+    except (OSError, ValidationError) as exc:
+        raise BuildError(f"cannot read {path}: {exc}; export again with `maskrcnn-build export`") from exc
 
 
 def export_onnx(

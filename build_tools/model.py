@@ -49,6 +49,7 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, batched_nms, 
 from torchvision.ops.poolers import _convert_to_roi_format
 
 from service.manifest import COCO_CATEGORY_IDS
+from service.preprocess import InputSpec
 
 Origin = Literal["mmdet", "torchvision"]
 
@@ -125,6 +126,11 @@ class InferenceConfig:
 
     def with_overrides(self, **changes) -> "InferenceConfig":
         return replace(self, **changes)
+
+    def input_spec(self) -> InputSpec:
+        """The host preprocessing these settings expect (mean/std in RGB uint8 units, keep-ratio
+        resize to ``resize_scale`` = (long, short) edges, padding to ``pad_divisor``)."""
+        return InputSpec(mean=self.mean, std=self.std, resize_scale=self.resize_scale, pad_divisor=self.pad_divisor)
 
 
 def clip_boxes(boxes: Tensor, size: Tensor) -> Tensor:

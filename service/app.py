@@ -22,9 +22,9 @@ from service.engine_pool import EnginePool, ImageOutputs
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestCounter
 from service.preprocess import PreparedImage, prepare_image
-from service.response import OrjsonResponse
+from service.response import ClassTable, OrjsonResponse
 from service.routes import api, probes
-from service.runtime import ClassTable, Runtime
+from service.runtime import Runtime
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if engine is not None:
             pool = EnginePool([engine])
         else:
-            pool = await run_in_threadpool(EnginePool.load, settings.engine_dir, settings.workers, settings.threads_per_session)
+            pool = await run_in_threadpool(EnginePool.load, settings.engine_dir, settings.workers,
+                                           settings.threads_per_session, settings.backend_options())
         max_batch_size = pool.max_batch_size(settings.max_batch_size)
 
         async def run_batch(images: list[PreparedImage]) -> list[ImageOutputs]:
@@ -77,7 +78,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "sessions": str(pool.size),
             "threads_per_session": str(settings.threads_per_session),
         })
-        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest_classes(manifest.classes))
+        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest(manifest.classes))
         app.state.runtime = runtime
         async with batcher:
             warm_up = asyncio.create_task(_warm_up(runtime))

@@ -8,19 +8,19 @@ checking that the engine answered every slot.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from service.backends import Engine, load_engine
+from service.backends.base import OUTPUT_NAMES
 from service.errors import InferenceFailed
 from service.manifest import Manifest
-from service.preprocess import InputSpec, PreparedImage, pad_batch
-
-OUTPUT_NAMES = ("dets", "labels", "masks")
+from service.preprocess import PreparedImage, pad_batch, padded_hw
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,8 @@ class EnginePool:
             raise ValueError("an engine pool needs at least one engine")
         self.manifest: Manifest = engines[0].manifest
         self.batch_size: int | None = engines[0].batch_size
-        self.input_spec = InputSpec.from_manifest_input(self.manifest.input)
-        min_hw = self.manifest.shape_profile.get("min_hw")
-        self._min_hw: tuple[int, int] | None = tuple(min_hw) if min_hw else None
+        self.input_spec = self.manifest.input.spec
+        self._min_hw = self.manifest.shape_profile.min_hw
         self._sessions = [
             _Session(engine, ThreadPoolExecutor(1, thread_name_prefix=f"engine-{i}")) for i, engine in enumerate(engines)
         ]
@@ -63,9 +62,16 @@ class EnginePool:
             self._idle.put_nowait(session)
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, sessions: int, threads: int | None) -> EnginePool:
-        """Open ``sessions`` engines on the artifact, each with ``threads`` intra-op threads."""
-        return cls([load_engine(artifact_dir, threads=threads) for _ in range(sessions)])
+    def load(
+        cls,
+        artifact_dir: str | Path,
+        sessions: int,
+        threads: int | None,
+        backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> EnginePool:
+        """Open ``sessions`` engines on the artifact, each with ``threads`` intra-op threads and the
+        options of its backend (see ``load_engine``)."""
+        return cls([load_engine(artifact_dir, threads, backend_options) for _ in range(sessions)])
 
     @property
     def size(self) -> int:
@@ -78,9 +84,7 @@ class EnginePool:
 
     def padded_hw(self, image: PreparedImage) -> tuple[int, int]:
         """``(H, W)`` this image pads to alone; images that agree on it batch without extra padding."""
-        divisor = self.input_spec.pad_divisor
-        h, w = image.resized_hw
-        return -(-h // divisor) * divisor, -(-w // divisor) * divisor
+        return padded_hw(image.resized_hw, self.input_spec.pad_divisor)
 
     async def infer(self, images: Sequence[PreparedImage]) -> list[ImageOutputs]:
         """Run one batch (``len(images) <= max_batch_size``) on an idle session.

@@ -1,8 +1,10 @@
 """Typed service errors and the ONE table that maps them to HTTP responses.
 
 Every error a client can cause is raised as a subclass of :class:`ServiceError`; its docstring
-names the HTTP status. :func:`install_error_handlers` maps these, FastAPI's request validation
-errors and Starlette's routing errors (404, 405) to one body shape::
+names the HTTP status. The stages that know nothing of HTTP (preprocess, postprocess, the class
+table) raise their own errors, which :data:`STAGE_ERRORS` translates. :func:`install_error_handlers`
+maps all of these, FastAPI's request validation errors and Starlette's routing errors (404, 405)
+to one body shape::
 
     {"error": {"code": "payload_too_large", "message": "image is 25000000 bytes; ..."}}
 """
@@ -18,7 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.response import OrjsonResponse
+from service.postprocess import InvalidDetectionsError
+from service.preprocess import InvalidImageError
+from service.response import OrjsonResponse, UnknownClasses
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,14 @@ class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
 
 
+# A stage's own error -> the service error the client gets, and a prefix for its message.
+STAGE_ERRORS: dict[type[Exception], tuple[type[ServiceError], str]] = {
+    InvalidImageError: (InvalidImage, ""),
+    UnknownClasses: (InvalidParameters, ""),
+    InvalidDetectionsError: (InferenceFailed, "the engine's outputs break the output contract: "),
+}
+
+
 class ErrorDetail(BaseModel):
     code: str
     message: str
@@ -153,6 +165,13 @@ async def _service_error(_: Request, exc: ServiceError) -> OrjsonResponse:
     return _error_response(exc.status_code, exc.code, exc.message, exc.headers)
 
 
+async def _stage_error(request: Request, exc: Exception) -> OrjsonResponse:
+    error_type, prefix = next(STAGE_ERRORS[t] for t in type(exc).__mro__ if t in STAGE_ERRORS)
+    if error_type.status_code >= 500:
+        log.error("%s: %s", type(exc).__name__, exc)
+    return await _service_error(request, error_type(prefix + str(exc)))
+
+
 async def _validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
     return _error_response(InvalidParameters.status_code, InvalidParameters.code, describe_validation_errors(exc.errors()))
 
@@ -170,6 +189,8 @@ async def _unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:
 def install_error_handlers(app: FastAPI) -> None:
     """The one place where exceptions become HTTP responses."""
     app.add_exception_handler(ServiceError, _service_error)
+    for stage_error in STAGE_ERRORS:
+        app.add_exception_handler(stage_error, _stage_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -1,15 +1,19 @@
 """The engine artifact's manifest: the only contract between ``build_tools`` and ``service``.
 
-An artifact is a folder holding the backend's model file and ``manifest.json``. See
-docs/architecture.md for the meaning of every field.
+An artifact is a folder holding the backend's model file and ``manifest.json``. Every section is a
+pydantic model, validated when the manifest is read, so a reader uses attributes and never guesses
+at keys. docs/architecture.md gives the meaning of every field.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.preprocess import InputSpec, InvalidInputSpecError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -34,55 +38,232 @@ COCO_CLASSES: tuple[tuple[int, str], ...] = (
 )
 COCO_CATEGORY_IDS: tuple[int, ...] = tuple(cid for cid, _ in COCO_CLASSES)
 
+HW = tuple[int, int]
+
 
 class ManifestError(ValueError):
-    """The artifact folder is missing, unreadable or of an unsupported format."""
+    """The artifact folder is missing, unreadable, malformed or of an unsupported format."""
 
 
-def coco_class_table() -> list[dict[str, Any]]:
-    return [{"index": i, "id": cid, "name": name} for i, (cid, name) in enumerate(COCO_CLASSES)]
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class Manifest:
+class Resize(_Section):
+    scale: tuple[int, int] = Field(description="(long, short) edge limits, pixels")
+    keep_ratio: bool = True
+
+
+class InputSection(_Section):
+    """The graph's input and the host preprocessing that produces it (``service.preprocess``)."""
+
+    mean: tuple[float, float, float] = Field(description="per-channel mean, RGB, uint8 pixel units")
+    std: tuple[float, float, float] = Field(description="per-channel standard deviation, RGB, uint8 pixel units")
+    resize: Resize
+    pad_divisor: int
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    color: Literal["RGB"] = "RGB"
+    normalized_in_graph: Literal[False] = False
+    pad_value: Literal[0.0] = 0.0
+    names: tuple[str, str] = ("images", "image_sizes")
+    image_sizes: str = "int64 [B, 2]: (h, w) of each image's valid region"
+
+    @model_validator(mode="after")
+    def _host_can_produce(self) -> InputSection:
+        try:
+            self.spec
+        except InvalidInputSpecError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def spec(self) -> InputSpec:
+        """The host preprocessing of this section (the one conversion between the two)."""
+        return InputSpec.from_manifest_input(self.model_dump())
+
+    @classmethod
+    def from_spec(cls, spec: InputSpec) -> InputSection:
+        return cls.model_validate(spec.to_manifest_input())
+
+
+class BatchProfile(_Section):
+    """``mutable=False``: the graph runs exactly ``size`` images; ``mutable=True``: any 1..``max``."""
+
+    mutable: bool
+    size: int | None = Field(None, ge=1)
+    min: int | None = Field(None, ge=1)
+    max: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> BatchProfile:
+        if self.mutable and (self.min is None or self.max is None or self.min > self.max):
+            raise ValueError("a mutable batch needs min <= max")
+        if not self.mutable and self.size is None:
+            raise ValueError("a fixed batch needs size")
+        return self
+
+
+class ShapeProfile(_Section):
+    batch: BatchProfile
+    min_hw: HW
+    opt_hw: HW
+    max_hw: HW
+
+
+class OutputTensor(_Section):
+    dtype: str
+    shape: list[int | str]
+    meaning: str
+
+
+class OutputsSection(_Section):
+    dets: OutputTensor
+    labels: OutputTensor
+    masks: OutputTensor
+    padding: str
+
+
+class PostprocessSection(_Section):
+    score_threshold: float = Field(ge=0, le=1)
+    mask_threshold: float = Field(gt=0, lt=1)
+    max_detections: int = Field(ge=1)
+    paste: Literal["mmdet", "torchvision"] = "mmdet"
+
+
+class ClassEntry(_Section):
+    index: int = Field(ge=0, description="the label value in the engine's outputs")
+    id: int = Field(description="category id in answers (COCO's for COCO models)")
+    name: str
+
+
+class CheckpointInfo(_Section):
+    """What the weights were: a file (with its sha256) or random weights from a seed."""
+
+    source: str | None = None
+    format: str
+    sha256: str | None = None
+    random_init_seed: int | None = None
+
+
+class ToolsSection(BaseModel):
+    """Tool versions (extra fields: ``python``, ``torch``, ``onnxruntime``, ...), the ONNX opset,
+    the backend's build facts (backend-specific keys) and, with ``--backend auto``, how it was chosen."""
+
+    model_config = ConfigDict(extra="allow")
+
+    opset: int | None = None
+    backend: dict[str, Any] = Field(default_factory=dict)
+    backend_choice: dict[str, Any] | None = None
+
+
+class Calibration(_Section):
+    images: int
+    sha256: str
+    folder: str
+
+
+class APDelta(_Section):
+    """AP points lost against the reference, ``100 * (1 - AP)``; None when AP is undefined."""
+
+    box: float | None
+    mask: float | None
+
+
+class ParityTiming(_Section):
+    eager_s_per_image: float | None
+    engine_s_per_image: float | None
+    engine_postprocess_s_per_image: float | None
+    engine_with_postprocess_s_per_image: float | None
+    ratio_to_eager: float | None
+    images: int
+    batch_size: int
+    threads: int
+    warmup_batches: int
+    statistic: str
+
+
+class ParityReport(_Section):
+    """The build's verify report: the engine against its eager reference on the same images."""
+
+    images: list[str]
+    reference_detections: int
+    engine_detections: int
+    box_match_rate: float
+    label_agreement: float
+    score_abs_diff_mean: float
+    score_abs_diff_max: float
+    mask_iou_mean: float
+    mask_iou_min: float
+    box_ap: float | None
+    box_ap50: float | None
+    mask_ap: float | None
+    mask_ap50: float | None
+    ap_delta_points: APDelta
+    eager_seconds_per_image: float
+    engine_seconds_per_image: float
+    timing: ParityTiming
+    tolerance: dict[str, float] = Field(default_factory=dict)
+    passed: bool = True
+    failures: list[str] = Field(default_factory=list)
+
+    @field_validator("box_ap", "box_ap50", "mask_ap", "mask_ap50", mode="before")
+    @classmethod
+    def _nan_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, float) and value != value else value
+
+
+def coco_class_table() -> list[ClassEntry]:
+    return [ClassEntry(index=i, id=cid, name=name) for i, (cid, name) in enumerate(COCO_CLASSES)]
+
+
+class Manifest(_Section):
     backend: str
     precision: str
     model_file: str
     origin: str
-    input: dict[str, Any]
-    shape_profile: dict[str, Any]
-    outputs: dict[str, Any]
-    postprocess: dict[str, Any]
-    classes: list[dict[str, Any]] = field(default_factory=coco_class_table)
-    checkpoint: dict[str, Any] = field(default_factory=dict)
-    inference_config: dict[str, Any] = field(default_factory=dict)
-    tools: dict[str, Any] = field(default_factory=dict)
-    calibration: dict[str, Any] | None = None
-    parity: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
-    format_version: int = FORMAT_VERSION
+    input: InputSection
+    shape_profile: ShapeProfile
+    outputs: OutputsSection
+    postprocess: PostprocessSection
+    classes: list[ClassEntry] = Field(default_factory=coco_class_table)
+    checkpoint: CheckpointInfo = Field(default_factory=lambda: CheckpointInfo(format="unknown"))
+    inference_config: dict[str, Any] = Field(
+        default_factory=dict, description="build_tools.model.InferenceConfig fields the graph was built with")
+    tools: ToolsSection = Field(default_factory=ToolsSection)
+    calibration: Calibration | None = None
+    parity: ParityReport | None = None
+    notes: list[str] = Field(default_factory=list)
+    format_version: Literal[1] = FORMAT_VERSION
 
     @property
     def batch_size(self) -> int | None:
         """Fixed batch size of the graph, or None when the batch dimension is mutable."""
-        batch = self.shape_profile["batch"]
-        return None if batch.get("mutable") else int(batch["size"])
+        batch = self.shape_profile.batch
+        return None if batch.mutable else batch.size
 
     @property
     def max_batch_size(self) -> int:
-        batch = self.shape_profile["batch"]
-        return int(batch.get("max", batch.get("size", 1)))
+        """The most images one call may hold: the fixed size, or a mutable graph's ``max``."""
+        batch = self.shape_profile.batch
+        return batch.max if batch.mutable else batch.size
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Manifest":
+    def load(cls, folder: str | Path) -> Manifest:
+        """Read and validate ``folder/manifest.json``.
+
+        Raises:
+            ManifestError: no manifest, unreadable JSON, an unsupported format version, a missing
+                or malformed field, or a model file that is not there.
+        """
         folder = Path(folder)
         path = folder / MANIFEST_NAME
         if not path.is_file():
@@ -91,17 +272,16 @@ class Manifest:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ManifestError(f"cannot read {path}: {exc}") from exc
-        version = data.get("format_version")
+        version = data.get("format_version") if isinstance(data, dict) else None
         if version != FORMAT_VERSION:
             raise ManifestError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})")
-        known = set(cls.__dataclass_fields__)
-        missing = sorted(
-            k for k, f in cls.__dataclass_fields__.items()
-            if k not in data and f.default is MISSING and f.default_factory is MISSING
-        )
-        if missing:
-            raise ManifestError(f"{path}: missing fields {missing}")
-        manifest = cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            manifest = cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ManifestError(f"{path}: {problems}") from None
         if not (folder / manifest.model_file).is_file():
             raise ManifestError(f"{path}: model file {manifest.model_file!r} not found in {folder}")
         return manifest

@@ -1,10 +1,25 @@
-"""Prometheus metrics of one app instance (own registry, so several apps can live in one process)."""
+"""Prometheus metrics of one app instance (own registry, so several apps can live in one process).
+
+Besides the service's own series the registry carries prometheus_client's process collector
+(``process_resident_memory_bytes``, CPU seconds, open file descriptors: what the load test and
+dashboards read, also from inside a container or behind a load balancer) and platform collector
+(``python_info``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Seconds: from sub-millisecond host stages to multi-second CPU inference.
@@ -17,6 +32,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.requests = Counter(
             "maskrcnn_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
             registry=self.registry,

@@ -120,6 +120,12 @@ class InputSpec:
         return int(h0 * s + 0.5), int(w0 * s + 0.5)
 
 
+def padded_hw(hw: tuple[int, int], divisor: int) -> tuple[int, int]:
+    """``(H, W)``: each side of ``hw`` rounded up to a multiple of ``divisor`` (the one padding rule)."""
+    h, w = hw
+    return -(-h // divisor) * divisor, -(-w // divisor) * divisor
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     """One preprocessed image, before batching.
@@ -211,9 +217,8 @@ def pad_batch(
     if b < n:
         raise ValueError(f"{n} images do not fit a batch of {b}")
     min_h, min_w = min_hw if min_hw is not None else (1, 1)
-    h = max(max(p.resized_hw[0] for p in prepared), min_h)
-    w = max(max(p.resized_hw[1] for p in prepared), min_w)
-    h, w = -(-h // divisor) * divisor, -(-w // divisor) * divisor
+    h, w = padded_hw((max(max(p.resized_hw[0] for p in prepared), min_h),
+                      max(max(p.resized_hw[1] for p in prepared), min_w)), divisor)
     images = np.zeros((b, 3, h, w), np.float32)
     image_sizes = np.empty((b, 2), np.int64)
     image_sizes[:] = prepared[0].resized_hw

@@ -18,20 +18,12 @@ from starlette.responses import Response
 
 from service.batcher import Batched
 from service.decode import decode_image
-from service.engine_pool import ImageOutputs
-from service.errors import (
-    ClientDisconnected,
-    DeadlineExceeded,
-    ErrorBody,
-    InferenceFailed,
-    InvalidImage,
-    Unauthorized,
-)
+from service.errors import ClientDisconnected, DeadlineExceeded, ErrorBody, Unauthorized
 from service.manifest import Manifest
-from service.postprocess import ImageDetections, InvalidDetectionsError, postprocess_image
-from service.preprocess import InputSpec, PreparedImage, prepare_image
+from service.postprocess import postprocess_image
+from service.preprocess import prepare_image
 from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
-from service.response import CocoResult, OrjsonResponse, PredictResponse, coco_body, native_body
+from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
 from service.runtime import Runtime
 
 T = TypeVar("T")
@@ -110,25 +102,19 @@ async def predict(
             max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side,
         )
         _check_deadline(deadline, "preprocess")
-        prepared = await _timed(seconds, "preprocess", _prepare, rgb, runtime.pool.input_spec)
+        prepared = await _timed(seconds, "preprocess", prepare_image, rgb, runtime.pool.input_spec)
         _check_deadline(deadline, "queue")
         batched = await _await_batch(runtime.batcher.submit(prepared, deadline), request, deadline)
         seconds["queue_wait"], seconds["inference"] = batched.queue_wait_s, batched.run_s
-        detections = await _timed(seconds, "postprocess", _postprocess, batched.value, prepared, postprocess_options)
-
-        boxes, scores = detections.boxes.tolist(), detections.scores.tolist()
-        labels = detections.labels.tolist()
-        category_ids = [runtime.classes.ids[i] for i in labels]
+        outputs = batched.value
+        detections = await _timed(
+            seconds, "postprocess", postprocess_image, outputs.dets, outputs.labels, outputs.masks,
+            prepared.scale_factor, prepared.orig_hw, **postprocess_options,
+        )
         seconds["total"] = loop.time() - started
         runtime.metrics.observe_stages(seconds)
-        timings_ms = {stage: round(s * 1000, 3) for stage, s in seconds.items()}
-        if options.format == "coco":
-            body: Any = coco_body(boxes, scores, category_ids, detections.rles, options.image_id)
-        else:
-            names = [runtime.classes.names[i] for i in labels]
-            body = native_body(boxes, scores, category_ids, names, detections.rles, prepared.orig_hw, timings_ms)
-        server_timing = ", ".join(f"{stage};dur={ms}" for stage, ms in timings_ms.items())
-        return OrjsonResponse(body, headers={"Server-Timing": server_timing})
+        return build_response(detections, runtime.classes, prepared.orig_hw, seconds,
+                              response_format=options.format, image_id=options.image_id)
 
 
 async def _timed(seconds: dict[str, float], stage: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -142,22 +128,6 @@ async def _timed(seconds: dict[str, float], stage: str, fn: Callable[..., T], *a
 def _check_deadline(deadline: float, stage: str) -> None:
     if asyncio.get_running_loop().time() >= deadline:
         raise DeadlineExceeded(f"the request's deadline passed before {stage}")
-
-
-def _prepare(rgb: Any, spec: InputSpec) -> PreparedImage:
-    h0, w0 = rgb.shape[:2]
-    if min(spec.resized_hw((h0, w0))) < 1:
-        raise InvalidImage(f"the image is {w0}x{h0}; its aspect ratio is too extreme to resize for the engine")
-    return prepare_image(rgb, spec)
-
-
-def _postprocess(outputs: ImageOutputs, prepared: PreparedImage, options: dict[str, Any]) -> ImageDetections:
-    try:
-        return postprocess_image(
-            outputs.dets, outputs.labels, outputs.masks, prepared.scale_factor, prepared.orig_hw, **options
-        )
-    except InvalidDetectionsError as exc:
-        raise InferenceFailed(f"the engine's outputs break the output contract: {exc}") from exc
 
 
 async def _await_batch(future: asyncio.Future[Batched[T]], request: Request, deadline: float) -> Batched[T]:

@@ -5,13 +5,14 @@ Validated once at start-up; the CLI (``maskrcnn-serve``) overrides fields from i
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.backends import backend_names
+from service.backends.base import cpu_cores
 from service.manifest import MANIFEST_NAME
 
 
@@ -46,6 +47,15 @@ class Settings(BaseSettings):
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="On SIGTERM, time to finish in-flight requests.")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503 answers, in seconds.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # Backend options: fields named <backend>_<option> reach that backend's load() as options.
+    # One worker drives one engine with one infer request, so LATENCY (one stream using all the
+    # session's threads) is the default; THROUGHPUT/streams suit several requests per engine.
+    openvino_performance_hint: Literal["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"] = Field(
+        "LATENCY", description="OpenVINO engines: the CPU plugin's PERFORMANCE_HINT."
+    )
+    openvino_streams: int | None = Field(
+        None, ge=1, le=256, description="OpenVINO engines: NUM_STREAMS; default: what the hint chooses."
+    )
 
     @field_validator("engine_dir")
     @classmethod
@@ -57,8 +67,15 @@ class Settings(BaseSettings):
     @property
     def threads_per_session(self) -> int:
         """Intra-op threads for each engine session: the setting, or the cores shared evenly."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self.threads or max(1, cores // self.workers)
+        return self.threads or max(1, cpu_cores() // self.workers)
+
+    def backend_options(self) -> dict[str, dict[str, Any]]:
+        """Per backend, the options of its engines: the ``<backend>_<option>`` fields, prefix removed."""
+        return {
+            backend: {name[len(backend) + 1:]: getattr(self, name)
+                      for name in type(self).model_fields if name.startswith(backend + "_")}
+            for backend in backend_names()
+        }
 
     @property
     def max_body_bytes(self) -> int:

@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-serve" / "tests"))
 # Everything that decides the bytes of the exports and ONNX Runtime artifacts built here.
 PRODUCERS = sorted(
-    [*ROOT.glob("build_tools/*.py"), *(ROOT / "service/backends" / n for n in ("__init__.py", "base.py", "onnxruntime.py")),
-     ROOT / "service/manifest.py", ROOT / "service/preprocess.py"]
+    [*ROOT.glob("build_tools/**/*.py"),
+     *(ROOT / "service/backends" / n for n in ("__init__.py", "base.py", "onnxruntime.py")),
+     ROOT / "service/manifest.py", ROOT / "service/preprocess.py", ROOT / "service/postprocess.py"]
 )
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
 

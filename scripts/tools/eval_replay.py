@@ -42,17 +42,21 @@ from typing import Any
 
 import httpx
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from scripts.tools.perf import PerfError, latency_summary
+from build_tools.coco_eval import IOU_TYPES, STAT_NAMES, evaluate, load_coco
+from scripts.tools.http import (
+    RETRYABLE_STATUSES,
+    RetryableFailure,
+    RetryPolicy,
+    UnknownImageType,
+    describe_error_answer,
+    image_headers,
+)
+from scripts.tools.perf import PerfError
+from scripts.tools.timing import latency_summary
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 AP_NAMES = STAT_NAMES[:6]
-IOU_TYPES = ("bbox", "segm")
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # the service's per-request deadline
-MAX_TIMEOUT_MS = 3_600_000  # the largest deadline the service accepts
 EXIT_FAILURES = 1
 
 
@@ -87,25 +91,11 @@ def load_dataset(annotations: Path, images: Path, limit: int | None = None) -> D
     if not images.is_dir():
         raise EvalError(f"image folder {images} not found")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(annotations))
+        coco = load_coco(annotations)
     except (OSError, ValueError, KeyError) as error:
         raise EvalError(f"cannot read COCO annotations {annotations}: {error}") from error
     image_ids = sorted(coco.getImgIds())
     return Dataset(annotations, images, coco, image_ids[:limit] if limit else image_ids)
-
-
-def image_content_type(data: bytes) -> str | None:
-    """The Content-Type the service accepts for these image bytes, from their signature; None if unknown."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data.startswith(b"BM"):
-        return "image/bmp"
-    return None
 
 
 # --- progress file ------------------------------------------------------------------------------
@@ -190,32 +180,8 @@ class ProgressLog:
 # --- requests -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """``retries`` more attempts after the first; waits ``backoff_s * 2**attempt`` (at most
-    ``max_delay_s``), or the answer's Retry-After when it gives one."""
-
-    retries: int = 4
-    backoff_s: float = 0.5
-    max_delay_s: float = 30.0
-
-    def delay_s(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None and retry_after.strip().isdigit():
-            return min(float(retry_after), self.max_delay_s)
-        return min(self.backoff_s * 2**attempt, self.max_delay_s)
-
-
 class ImageFailed(Exception):
     """An image without an answer after every attempt; the message says why."""
-
-
-def describe_error_answer(response: httpx.Response) -> str:
-    """``HTTP 503 overloaded: message`` from the service's error body (or the raw text)."""
-    try:
-        error = response.json()["error"]
-        return f"HTTP {response.status_code} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
 @dataclass
@@ -233,35 +199,40 @@ class Replay:
         self._next_url = itertools.cycle(self.urls)
 
     async def predict(self, image_id: int, body: bytes) -> Finished:
-        """The image's COCO results entries (each with ``image_id``).
+        """The image's COCO results entries (each with ``image_id``), each attempt posted to the next URL.
 
         Raises:
             ImageFailed: no valid answer within the retry policy.
         """
-        content_type = image_content_type(body)
-        if content_type is None:
-            raise ImageFailed("not a JPEG, PNG, WebP or BMP file")
-        headers = {"Content-Type": content_type, TIMEOUT_HEADER: str(min(int(self.timeout_s * 1000), MAX_TIMEOUT_MS))}
+        try:
+            headers = image_headers(body, self.timeout_s)
+        except UnknownImageType as error:
+            raise ImageFailed(str(error)) from None
         params = {**self.params, "image_id": image_id}
-        reason = ""
-        for attempt in range(self.policy.retries + 1):
-            url = next(self._next_url)
-            retry_after = None
-            started = time.perf_counter()
-            try:
-                response = await self.client.post(url + "/predict", params=params, content=body, headers=headers)
-            except httpx.TransportError as error:
-                reason = f"{url}: {type(error).__name__}: {error}"
-            else:
-                latency_s = time.perf_counter() - started
-                if response.status_code == 200:
-                    return Finished(self._coco_entries(response, image_id), latency_s)
-                reason = f"{url}: {describe_error_answer(response)}"
-                if response.status_code not in RETRYABLE_STATUSES:
-                    break
-                retry_after = response.headers.get("Retry-After")
-            if attempt < self.policy.retries:
-                await asyncio.sleep(self.policy.delay_s(attempt, retry_after))
+        try:
+            return await self.policy.retrying()(self._attempt, image_id, body, headers, params)
+        except RetryableFailure as failure:
+            raise ImageFailed(str(failure)) from None
+
+    async def _attempt(self, image_id: int, body: bytes, headers: dict[str, str], params: dict[str, Any]) -> Finished:
+        """One request; its latency counts from sending to the answer.
+
+        Raises:
+            RetryableFailure: a transport error or a retryable answer.
+            ImageFailed: any other error answer, or a 200 that is not this image's COCO results.
+        """
+        url = next(self._next_url)
+        started = time.perf_counter()
+        try:
+            response = await self.client.post(url + "/predict", params=params, content=body, headers=headers)
+        except httpx.TransportError as error:
+            raise RetryableFailure(f"{url}: {type(error).__name__}: {error}") from None
+        latency_s = time.perf_counter() - started
+        if response.status_code == 200:
+            return Finished(self._coco_entries(response, image_id), latency_s)
+        reason = f"{url}: {describe_error_answer(response)}"
+        if response.status_code in RETRYABLE_STATUSES:
+            raise RetryableFailure(reason, response.headers.get("Retry-After"))
         raise ImageFailed(reason)
 
     @staticmethod
@@ -384,36 +355,6 @@ def write_eager_results(source: str, dataset: Dataset, out: Path, *, score_thres
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def coco_summaries(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[int],
-                   verbose: bool = True) -> dict[str, dict[str, float]]:
-    """pycocotools' twelve summary numbers per IoU type (``{"bbox": {"AP": ..}, "segm": ...}``)
-    of ``results`` on ``image_ids``; prints pycocotools' summaries when ``verbose``.
-
-    Segm is scored without the entries' boxes, so object areas (small/medium/large) are mask
-    areas, as mmdetection scores it; pycocotools would otherwise take the box area.
-    """
-    scores: dict[str, dict[str, float]] = {}
-    for iou_type in IOU_TYPES:
-        if verbose:
-            print(f"--- {iou_type} ---")
-        if not results:
-            if verbose:
-                print("no detections: every AP is 0")
-            scores[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
-            continue
-        entries = [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
-        chatter = io.StringIO()
-        with contextlib.redirect_stdout(chatter):
-            evaluator = COCOeval(coco, coco.loadRes(entries), iou_type)
-            evaluator.params.imgIds = list(image_ids)
-            evaluator.evaluate()
-            evaluator.accumulate()
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
-            evaluator.summarize()
-        scores[iou_type] = dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
-    return scores
-
-
 def read_results(path: Path) -> list[dict[str, Any]]:
     try:
         results = json.loads(path.read_text())
@@ -502,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(error))
 
     print(f"{len(dataset.image_ids)} images of {args.ann}: {len(results)} detections written to {args.out}")
-    scores = coco_summaries(dataset.coco, results, dataset.image_ids)
+    scores = evaluate(dataset.coco, results, dataset.image_ids, verbose=True)
     report: dict[str, Any] = {"images": len(dataset.image_ids), "detections": len(results), "results": str(args.out),
                               **scores, "latency_ms": latency_summary(latencies),
                               "throughput_ips": sent / wall_s if sent and wall_s > 0 else None, "reference": None}
@@ -514,8 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"throughput: {report['throughput_ips']:.3f} images/s ({sent} images in {wall_s:.1f} s)")
     if reference is not None:
         evaluated = set(dataset.image_ids)
-        reference_scores = coco_summaries(dataset.coco, [r for r in reference if r.get("image_id") in evaluated],
-                                          dataset.image_ids, verbose=False)
+        reference_scores = evaluate(dataset.coco, [r for r in reference if r.get("image_id") in evaluated],
+                                    dataset.image_ids)
         print(format_deltas(scores, reference_scores, str(args.reference_results)))
         report["reference"] = {"file": str(args.reference_results), **reference_scores}
     if args.json:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,13 +25,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from scripts.bench.service import synthetic_photo
+from scripts.tools.photos import synthetic_photo
+from scripts.tools.timing import latency_summary, time_calls
 from service.backends import load_engine
 from service.manifest import Manifest, ManifestError
 from service.preprocess import InputSpec, pad_batch, prepare_image
-
-PERCENTILES = (50, 90, 99)
-
 
 class PerfError(Exception):
     """A run that cannot be carried out as asked (the CLI reports it as a usage error, status 2)."""
@@ -40,18 +37,6 @@ class PerfError(Exception):
 
 class EagerReferenceError(PerfError):
     """The eager model an artifact was built from cannot be loaded."""
-
-
-def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
-    """``{"min", "mean", "p50", "p90", "p99", "max"}`` of ``seconds``, in milliseconds
-    (percentiles interpolate linearly, numpy's default); empty input gives an empty dict."""
-    if not seconds:
-        return {}
-    ms = np.asarray(seconds, np.float64) * 1000
-    summary = {"min": float(ms.min()), "mean": float(ms.mean())}
-    summary.update({f"p{q}": float(np.percentile(ms, q)) for q in PERCENTILES})
-    summary["max"] = float(ms.max())
-    return summary
 
 
 def eager_reference(manifest: Manifest, score_threshold: float | None = None):
@@ -62,13 +47,11 @@ def eager_reference(manifest: Manifest, score_threshold: float | None = None):
         EagerReferenceError: the checkpoint is gone or changed since the build.
     """
     from build_tools.checkpoint import CheckpointError
-    from build_tools.pipeline import BuildError, reload_reference
+    from build_tools.pipeline import BuildError
+    from build_tools.reference import reference_for_manifest
 
-    config = dict(manifest.inference_config)
-    if score_threshold is not None:
-        config["score_thresh"] = score_threshold
     try:
-        return reload_reference({"checkpoint": manifest.checkpoint, "inference_config": config}).model
+        return reference_for_manifest(manifest, score_threshold=score_threshold).model
     except (CheckpointError, BuildError) as error:
         raise EagerReferenceError(f"the engine's eager reference cannot be loaded: {error}") from error
 
@@ -83,18 +66,6 @@ def synthetic_batch(spec: InputSpec, batch_size: int, hw: tuple[int, int],
     # A resize scale equal to the image's own (long, short) edges keeps it at its size.
     prepared = prepare_image(rgb, replace(spec, resize_scale=(max(h, w), min(h, w)), keep_ratio=True))
     return pad_batch([prepared] * batch_size, spec.pad_divisor, batch_size=batch_size, min_hw=min_hw)
-
-
-def time_calls(runners: dict[str, Callable[[], Any]], iterations: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds of each timed call per runner; the runners take turns, call by call."""
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    for index in range(warmup + iterations):
-        for name, run in runners.items():
-            started = time.perf_counter()
-            run()
-            if index >= warmup:
-                seconds[name].append(time.perf_counter() - started)
-    return seconds
 
 
 def batch_size_for(manifest: Manifest, requested: int | None) -> int:
@@ -115,9 +86,8 @@ def input_hw_for(manifest: Manifest, height: int | None, width: int | None) -> t
     """``(height, width)`` of the synthetic image: the given sides, else the profile's ``opt_hw``;
     refused outside the profile's ``min_hw``..``max_hw``."""
     profile = manifest.shape_profile
-    opt_h, opt_w = profile.get("opt_hw", (800, 1344))
-    hw = (height or opt_h, width or opt_w)
-    low, high = profile.get("min_hw", (1, 1)), profile.get("max_hw", hw)
+    hw = (height or profile.opt_hw[0], width or profile.opt_hw[1])
+    low, high = profile.min_hw, profile.max_hw
     if not all(lo <= v <= hi for v, lo, hi in zip(hw, low, high)):
         raise PerfError(f"input {hw[0]}x{hw[1]} (HxW) is outside the engine's shape profile "
                         f"{low[0]}x{low[1]} .. {high[0]}x{high[1]}")
@@ -144,15 +114,13 @@ def measure(engine_dir: Path, *, batch_size: int | None = None, iterations: int 
     batch = batch_size_for(manifest, batch_size)
     hw = input_hw_for(manifest, height, width)
     engine = load_engine(engine_dir, threads=threads)
-    min_hw = manifest.shape_profile.get("min_hw")
-    images, sizes = synthetic_batch(InputSpec.from_manifest_input(manifest.input), batch, hw,
-                                    tuple(min_hw) if min_hw else None)
+    images, sizes = synthetic_batch(manifest.input.spec, batch, hw, manifest.shape_profile.min_hw)
     runners: dict[str, Callable[[], Any]] = {"engine": lambda: engine.infer(images, sizes)}
     thread_counts: dict[str, int | None] = {"engine": getattr(engine, "threads", threads)}
     if baseline == "eager":
         import torch
 
-        from build_tools.verify import run_eager
+        from build_tools.reference import run_eager
 
         if threads is not None:
             torch.set_num_threads(threads)

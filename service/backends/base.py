@@ -1,15 +1,34 @@
-"""The narrow contract every backend implements: named numpy arrays in, named arrays out."""
+"""The contract every backend implements, once: named numpy arrays in, named arrays out.
+
+The graph's tensors (docs/architecture.md) are named and typed here; a backend's runtime module
+holds only what differs (how its library loads a model and runs one call) and its build module
+(``build_tools/backends/<name>.py``) only how the library compiles the exported ONNX.
+
+A runtime backend module provides:
+
+- ``NAME``: its registry name; ``PRECISIONS``: the precisions it builds and runs;
+- ``available() -> (bool, reason)``: whether its library (and hardware) is usable here;
+- ``load(artifact_dir, manifest, threads=None, options=None) -> Engine``: open a built artifact;
+  ``options`` are the backend's own service settings (``Settings.backend_options``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from service.manifest import Manifest
 
+INPUT_NAMES = ("images", "image_sizes")
+INPUT_DTYPES: Mapping[str, type[np.generic]] = {"images": np.float32, "image_sizes": np.int64}
+OUTPUT_NAMES = ("dets", "labels", "masks")
+OUTPUT_DTYPES: Mapping[str, type[np.generic]] = {"dets": np.float32, "labels": np.int64, "masks": np.float32}
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # The seed's MagicMind precision names are accepted as aliases.
 PRECISION_ALIASES = {
     "force_float32": "fp32",
@@ -18,7 +37,6 @@ PRECISION_ALIASES = {
     "float16": "fp16",
     "qint8_mixed_float16": "int8",
 }
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class BackendUnavailable(RuntimeError):
@@ -26,11 +44,27 @@ class BackendUnavailable(RuntimeError):
 
 
 class UnsupportedPrecision(ValueError):
-    """The backend cannot build the requested precision."""
+    """The backend cannot build the requested precision (or int8 got no calibration)."""
+
+
+class BuildFailed(RuntimeError):
+    """The backend's compiler ran and could not produce an engine (its log says why)."""
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count): the one
+    place cores are counted, for default thread counts and the CPU facts of a measurement."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def canonical_precision(name: str) -> str:
-    """``fp32``/``fp16``/``bf16``/``int8`` for a precision name or one of the seed's aliases."""
+    """``fp32``/``fp16``/``bf16``/``int8`` for a precision name or one of the seed's aliases.
+
+    Raises:
+        UnsupportedPrecision: a name that is neither.
+    """
     precision = PRECISION_ALIASES.get(name, name)
     if precision not in PRECISIONS:
         known = ", ".join([*PRECISIONS, *PRECISION_ALIASES])
@@ -38,10 +72,43 @@ def canonical_precision(name: str) -> str:
     return precision
 
 
+def check_precision(backend: str, offered: Sequence[str], precision: str) -> str:
+    """The canonical name of ``precision`` when ``backend`` offers it.
+
+    Raises:
+        UnsupportedPrecision: an unknown name, or one the backend does not build.
+    """
+    precision = canonical_precision(precision)
+    if precision not in offered:
+        raise UnsupportedPrecision(f"{backend} builds {', '.join(offered)}; {precision} is not offered")
+    return precision
+
+
+def require_calibration(calibration: Iterable[dict[str, np.ndarray]] | None) -> list[dict[str, np.ndarray]]:
+    """The int8 calibration feeds as a list (``images``, ``image_sizes`` per feed).
+
+    Raises:
+        UnsupportedPrecision: no calibration given, or it yields no feed.
+    """
+    if calibration is None:
+        raise UnsupportedPrecision("int8 needs calibration images (--calib-images DIR)")
+    feeds = list(calibration)
+    if not feeds:
+        raise UnsupportedPrecision("int8 calibration got no images")
+    return feeds
+
+
+def input_feed(images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's inputs by name, C-contiguous in their contract dtypes."""
+    return {name: np.ascontiguousarray(array, dtype=INPUT_DTYPES[name])
+            for name, array in zip(INPUT_NAMES, (images, image_sizes))}
+
+
 class Engine(Protocol):
     """A loaded engine. Not thread-safe unless the backend says so: one worker drives one engine."""
 
     manifest: Manifest
+    threads: int | None
 
     @property
     def batch_size(self) -> int | None:
@@ -51,26 +118,46 @@ class Engine(Protocol):
         """``images`` float32 [B,3,H,W], ``image_sizes`` int64 [B,2] -> ``dets``, ``labels``, ``masks``."""
 
 
+class EngineBase:
+    """What every engine shares: its manifest, its batch size, and the named, typed outputs.
+
+    A subclass implements ``_run(feed) -> [dets, labels, masks]`` (in ``OUTPUT_NAMES`` order) for
+    the feed of :func:`input_feed`; outputs are converted to the contract's dtypes (some runtimes
+    return int32 labels).
+
+    Attributes:
+        manifest: the artifact's manifest.
+        threads: intra-op threads the engine computes with, or None where the device does the work.
+    """
+
+    def __init__(self, manifest: Manifest, threads: int | None = None) -> None:
+        self.manifest = manifest
+        self.threads = threads
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.manifest.batch_size
+
+    def _run(self, feed: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
+        raise NotImplementedError
+
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        outputs = self._run(input_feed(images, image_sizes))
+        if len(outputs) != len(OUTPUT_NAMES):
+            raise BackendUnavailable(f"the engine returned {len(outputs)} outputs, expected {len(OUTPUT_NAMES)}")
+        return {name: np.asarray(array).astype(OUTPUT_DTYPES[name], copy=False)
+                for name, array in zip(OUTPUT_NAMES, outputs)}
+
+
 class Backend(Protocol):
+    """A runtime backend module (see the module docstring)."""
+
     NAME: str
     PRECISIONS: tuple[str, ...]
 
     def available(self) -> tuple[bool, str]:
         """(True, "") when usable here, else (False, why)."""
 
-    def compile(
-        self,
-        onnx_path: Path,
-        out_dir: Path,
-        precision: str,
-        calibration: Iterable[dict[str, np.ndarray]] | None = None,
-        **options,
-    ) -> tuple[str, dict]:
-        """Build the backend's model file in ``out_dir`` from the exported ONNX.
-
-        Returns (model file name relative to ``out_dir``, backend facts for the manifest).
-        ``calibration`` yields input feeds (``images``, ``image_sizes``) for int8.
-        """
-
-    def load(self, artifact_dir: Path, manifest: Manifest, threads: int | None = None) -> Engine:
+    def load(self, artifact_dir: Path, manifest: Manifest, threads: int | None = None,
+             options: Mapping[str, Any] | None = None) -> Engine:
         """Open a built artifact for inference."""

@@ -8,91 +8,27 @@ keep the count of inferences low.
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
 import pytest
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as coco_mask
 
-from service.app import create_app
+from live_server import LiveServer, serving, wait_until
 from service.backends import Engine, load_engine
 from service.decode import decode_image
 from service.postprocess import paste_masks, postprocess_image, select_valid
-from service.preprocess import InputSpec, pad_batch, prepare_image
+from service.preprocess import pad_batch, prepare_image
 from service.settings import Settings
 from service_images import cmyk_jpeg, encode, exif_rotated_jpeg, gradient, gray16_png, png_header_only
 
 pytestmark = pytest.mark.slow
 
 LIMITS = {"max_bytes": 2**20, "max_pixels": 10_000_000, "min_side": 8}
-
-
-class LiveServer:
-    """uvicorn serving ``create_app(settings, engine)`` from a thread on a free loopback port."""
-
-    def __init__(self, settings: Settings, engine: Engine) -> None:
-        self.app = create_app(settings, engine)
-        self.socket = socket.socket()
-        self.socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
-
-    def start(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-        return self
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while httpx.get(self.url + "/readyz").status_code != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not become ready")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """A sample's value from /metrics (0.0 when absent)."""
-        text = httpx.get(self.url + "/metrics").text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
-
-    def post(self, body: bytes | None = None, content_type: str | None = None, **kwargs) -> httpx.Response:
-        headers = kwargs.pop("headers", {})
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        return httpx.post(self.url + "/predict", content=body, headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs)
-
-
-@contextmanager
-def serving(settings: Settings, engine: Engine, ready: bool = True) -> Iterator[LiveServer]:
-    server = LiveServer(settings, engine).start()
-    try:
-        if ready:
-            server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +53,7 @@ def reference(engine: Engine, images: list[bytes]) -> list[tuple]:
 
     Per image: ``(ImageDetections, kept 28x28 masks [K, 28, 28], orig_hw)``.
     """
-    spec = InputSpec.from_manifest_input(engine.manifest.input)
+    spec = engine.manifest.input.spec
     prepared = [prepare_image(decode_image(data, **LIMITS), spec) for data in images]
     batch, sizes = pad_batch(prepared, spec.pad_divisor, batch_size=engine.batch_size)
     out = engine.infer(batch, sizes)
@@ -126,10 +62,10 @@ def reference(engine: Engine, images: list[bytes]) -> list[tuple]:
     for i, p in enumerate(prepared):
         dets, labels, masks = out["dets"][i], out["labels"][i], out["masks"][i]
         detections = postprocess_image(
-            dets, labels, masks, p.scale_factor, p.orig_hw, post["score_threshold"], post["mask_threshold"],
-            post["max_detections"],
+            dets, labels, masks, p.scale_factor, p.orig_hw, post.score_threshold, post.mask_threshold,
+            post.max_detections,
         )
-        kept_masks = select_valid(dets, labels, masks, post["score_threshold"], post["max_detections"])[2]
+        kept_masks = select_valid(dets, labels, masks, post.score_threshold, post.max_detections)[2]
         results.append((detections, kept_masks, p.orig_hw))
     return results
 
@@ -167,11 +103,11 @@ def test_concurrent_requests_are_batched_and_match_the_engine(server, engine_b2)
     np.testing.assert_allclose([d["bbox"] for d in detections], ref_first.boxes, atol=1e-3)
     np.testing.assert_allclose([d["score"] for d in detections], ref_first.scores, atol=1e-4)
     classes = engine_b2.manifest.classes
-    assert [d["category_id"] for d in detections] == [classes[label]["id"] for label in ref_first.labels]
-    assert [d["category_name"] for d in detections] == [classes[label]["name"] for label in ref_first.labels]
+    assert [d["category_id"] for d in detections] == [classes[label].id for label in ref_first.labels]
+    assert [d["category_name"] for d in detections] == [classes[label].name for label in ref_first.labels]
 
     # The RLEs decode to the pasted masks, and each mask stays inside its box (one-pixel margin).
-    pasted = paste_masks(first_masks, ref_first.boxes, (h, w), engine_b2.manifest.postprocess["mask_threshold"])
+    pasted = paste_masks(first_masks, ref_first.boxes, (h, w), engine_b2.manifest.postprocess.mask_threshold)
     for k, d in enumerate(detections):
         mask = coco_mask.decode(d["segmentation"])
         assert d["segmentation"]["size"] == [h, w]
@@ -371,14 +307,6 @@ def test_overload_deadline_and_disconnect(engine_b1):
         assert live.post(image, "image/png").status_code == 200  # recovered
         wait_until(lambda: live.metric("maskrcnn_requests_total", endpoint="/predict", status="499") == 1)
         assert live.metric("maskrcnn_requests_in_flight") == 0
-
-
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.05)
 
 
 def test_not_ready_until_warm_then_api_key_guards_all_but_probes(engine_b1):

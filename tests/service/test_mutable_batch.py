@@ -17,12 +17,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from build_tools.pipeline import compile_step, input_spec_of, reload_reference
-from build_tools.verify import Tolerance, check_tolerance, list_images, read_rgb, verify
+from build_tools.pipeline import compile_step
+from build_tools.reference import reference_for_manifest
+from build_tools.images import list_images, read_rgb
+from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import get_backend, load_engine
 from service.batcher import Batcher
 from service.engine_pool import EnginePool
-from service.manifest import Manifest
+from service.manifest import BatchProfile, Manifest
 from service.preprocess import pad_batch, prepare_image
 from service_images import gradient
 
@@ -46,13 +48,13 @@ def photo_paths(photos):
 
 @pytest.fixture(scope="module")
 def prepared(engine, photo_paths):
-    spec = input_spec_of(engine.manifest.inference_config)
+    spec = engine.manifest.input.spec
     return [prepare_image(read_rgb(p), spec) for p in photo_paths]
 
 
 def alone(engine, image, hw):
     """Outputs of ``image`` run as a batch of 1 padded to ``hw``."""
-    images, sizes = pad_batch([image], engine.manifest.input["pad_divisor"], min_hw=hw)
+    images, sizes = pad_batch([image], engine.manifest.input.pad_divisor, min_hw=hw)
     return engine.infer(images, sizes)
 
 
@@ -60,7 +62,7 @@ def test_manifest_and_graph_declare_a_batch_of_1_to_max(engine_dir_mutable):
     import onnx
 
     manifest = Manifest.load(engine_dir_mutable)
-    assert manifest.shape_profile["batch"] == {"mutable": True, "min": 1, "max": 4}
+    assert manifest.shape_profile.batch == BatchProfile(mutable=True, min=1, max=4)
     assert manifest.batch_size is None and manifest.max_batch_size == 4
     assert load_engine(engine_dir_mutable).batch_size is None
     graph = onnx.load(str(engine_dir_mutable / manifest.model_file), load_external_data=False).graph
@@ -74,7 +76,7 @@ def test_manifest_and_graph_declare_a_batch_of_1_to_max(engine_dir_mutable):
 
 
 def test_each_image_of_a_batch_of_2_and_3_equals_the_image_alone(engine, prepared):
-    divisor = engine.manifest.input["pad_divisor"]
+    divisor = engine.manifest.input.pad_divisor
     hw = pad_batch(prepared, divisor)[0].shape[2:]
     assert tuple(hw) == (800, 1216) == tuple(pad_batch(prepared[:2], divisor)[0].shape[2:])
     singles = [alone(engine, image, hw) for image in prepared]
@@ -105,8 +107,8 @@ def test_a_batch_of_3_matches_eager_pytorch_at_fp32_tolerance(engine, photo_path
     """At half the service's input scale (the graph's H and W are dynamic): eager PyTorch on a batch
     of three 800x1216 inputs alone takes minutes on 2 busy cores."""
     manifest = engine.manifest
-    reference = reload_reference({"checkpoint": manifest.checkpoint, "inference_config": manifest.inference_config})
-    spec = replace(input_spec_of(manifest.inference_config), resize_scale=(667, 400))
+    reference = reference_for_manifest(manifest)
+    spec = replace(manifest.input.spec, resize_scale=(667, 400))
     report = verify(reference.model, _BatchOf(engine, 3), photo_paths, spec, progress=False)
     assert report["reference_detections"] == 300 and report["engine_detections"] == 300
     assert report["box_match_rate"] >= 0.99 and report["label_agreement"] >= 0.99
@@ -160,9 +162,9 @@ def test_openvino_runs_the_mutable_graph_at_batch_1_to_4(engine_dir_mutable, tmp
 
     manifest = compile_step(cached_mutable_export(4), tmp_path / "ov", backend="openvino", precision="fp32",
                             run_verify=False, progress=False)
-    assert manifest.shape_profile["batch"]["mutable"] is True
+    assert manifest.shape_profile.batch.mutable is True
     ov_engine = load_engine(tmp_path / "ov")
-    spec = input_spec_of(manifest.inference_config)
+    spec = manifest.input.spec
     strips = [prepare_image(gradient(60, 600, seed=s), spec) for s in range(4)]
     singles = [alone(ov_engine, s, (160, 1344)) for s in strips]
     for n in (2, 4):

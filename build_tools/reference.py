@@ -1,0 +1,82 @@
+"""The eager reference: the PyTorch model an engine was built from, and how to run it like one.
+
+An artifact's manifest and an export folder's ``export.json`` both record the checkpoint and the
+inference config; :func:`eager_reference` rebuilds the model from those facts (refusing a
+checkpoint file that changed since), for verify, the benchmarks and the perf tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+
+from build_tools.checkpoint import LoadedCheckpoint, load_checkpoint
+from build_tools.errors import BuildError
+from build_tools.export import ExportInfo
+from build_tools.model import MaskRCNN
+from service.backends.base import OUTPUT_NAMES
+from service.manifest import CheckpointInfo, Manifest
+
+Infer = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def eager_reference(
+    checkpoint: CheckpointInfo,
+    inference_config: Mapping[str, Any],
+    *,
+    score_threshold: float | None = None,
+) -> LoadedCheckpoint:
+    """The eager model of ``checkpoint`` with the recorded ``inference_config`` (the fields of
+    ``build_tools.model.InferenceConfig``; ``score_threshold`` replaces its ``score_thresh``).
+
+    Raises:
+        BuildError: the checkpoint file changed since it was recorded (another sha256).
+        CheckpointError: the checkpoint cannot be read.
+    """
+    overrides = {"score_thresh": inference_config["score_thresh"] if score_threshold is None else score_threshold}
+    if checkpoint.format == "random-init":
+        return load_checkpoint(None, random_init_seed=checkpoint.random_init_seed,
+                               origin=inference_config["origin"], **overrides)
+    loaded = load_checkpoint(checkpoint.source, checkpoint.format, **overrides)
+    if loaded.sha256 != checkpoint.sha256:
+        raise BuildError(f"checkpoint {checkpoint.source} changed since export (sha256 {loaded.sha256} != {checkpoint.sha256})")
+    return loaded
+
+
+def reference_for_manifest(manifest: Manifest, score_threshold: float | None = None) -> LoadedCheckpoint:
+    """The eager model an engine artifact was built from (see :func:`eager_reference`)."""
+    return eager_reference(manifest.checkpoint, manifest.inference_config, score_threshold=score_threshold)
+
+
+def reference_for_export(info: ExportInfo) -> LoadedCheckpoint:
+    """The eager model that produced an export folder (see :func:`eager_reference`)."""
+    return eager_reference(info.checkpoint, asdict(info.inference_config))
+
+
+def run_eager(model: MaskRCNN, images: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """``model`` on float32 ``images [B,3,H,W]`` and int64 ``sizes [B,2]`` -> the graph's outputs by name."""
+    with torch.no_grad():
+        outputs = model(torch.from_numpy(images), torch.from_numpy(sizes))
+    return {name: tensor.numpy() for name, tensor in zip(OUTPUT_NAMES, outputs)}
+
+
+def eager_infer(model: MaskRCNN) -> Infer:
+    """``model`` behind the engine's ``infer`` signature."""
+    return lambda images, sizes: run_eager(model, images, sizes)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run torch with ``threads`` intra-op threads inside the block (unchanged when None)."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,164 @@
+"""The one way HTTP tests start the service: on a free loopback port, handed out once /readyz is 200.
+
+In-process (``create_app(settings, engine)`` on uvicorn in a thread: the tests can inject a real
+engine and read the app's state) or, given ``engine_dir``, as a ``maskrcnn-serve`` subprocess (for
+signals, exit codes and the CLI's own start-up)::
+
+    with serving(Settings(...), engine) as server: ...
+    with serving(engine_dir=path, args=["--max-wait-ms", "0"], log=tmp / "serve.log") as server: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+SERVE = str(Path(sys.executable).with_name("maskrcnn-serve"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    """Poll ``condition()`` every 0.1 s until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
+
+
+class LiveServer:
+    """A running service; ``url`` is its base URL."""
+
+    def __init__(self, url: str, alive, describe) -> None:
+        self.url = url
+        self._alive = alive
+        self._describe = describe
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        """Return once /readyz answers 200; fail early if the server died."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(self.url + "/readyz").status_code == 200:
+                    return
+            if not self._alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the service did not become ready: {self._describe()}")
+            time.sleep(0.1)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the /metrics samples called ``name`` whose labels include ``labels`` (0.0 when none)."""
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(httpx.get(self.url + "/metrics").text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def post(self, body: bytes | None = None, content_type: str | None = None, **kwargs) -> httpx.Response:
+        """POST /predict with ``body`` (and ``Content-Type``), other keywords as httpx takes them."""
+        headers = kwargs.pop("headers", {})
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return httpx.post(self.url + "/predict", content=body, headers=headers, timeout=kwargs.pop("timeout", 120),
+                          **kwargs)
+
+    def wait_idle(self, timeout_s: float = 120) -> None:
+        """Until no /predict request is in flight or queued (an abandoned one still runs to the end)."""
+        deadline = time.monotonic() + timeout_s
+        while self.metric("maskrcnn_requests_in_flight") or self.metric("maskrcnn_queue_depth"):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server stayed busy")
+            time.sleep(0.2)
+        time.sleep(0.5)  # the request counter is bumped just after the handler returns
+
+
+class InProcessServer(LiveServer):
+    """uvicorn serving ``create_app(settings, engine)`` from a thread."""
+
+    def __init__(self, settings, engine) -> None:
+        from service.app import create_app
+
+        self.app = create_app(settings, engine)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True)
+        super().__init__(f"http://127.0.0.1:{self._socket.getsockname()[1]}", self._thread.is_alive,
+                         lambda: "its thread ended")
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=60)
+
+
+class ServeProcess(LiveServer):
+    """``maskrcnn-serve --engine ENGINE_DIR ARGS`` in a subprocess; output to ``log`` (or a pipe)."""
+
+    def __init__(self, engine_dir: Path, args: Sequence[str], log: Path | None) -> None:
+        port = free_port()
+        self.log = log
+        out = log.open("wb") if log is not None else subprocess.PIPE
+        self.process = subprocess.Popen(
+            [SERVE, "--engine", str(engine_dir), "--port", str(port), *args],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+        super().__init__(f"http://127.0.0.1:{port}", lambda: self.process.poll() is None, self._tail)
+
+    def _tail(self) -> str:
+        if self.log is None:
+            return f"exit status {self.process.poll()}"
+        return self.log.read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    settings=None,
+    engine=None,
+    *,
+    engine_dir: Path | None = None,
+    args: Sequence[str] = (),
+    log: Path | None = None,
+    ready: bool = True,
+    timeout_s: float = 300,
+) -> Iterator[LiveServer]:
+    """The service, in-process with ``settings`` and ``engine``, or as a subprocess on ``engine_dir``;
+    waits for /readyz unless ``ready`` is False; stopped on exit."""
+    server: InProcessServer | ServeProcess
+    server = ServeProcess(engine_dir, args, log) if engine_dir is not None else InProcessServer(settings, engine)
+    try:
+        if ready:
+            server.wait_ready(timeout_s)
+        yield server
+    finally:
+        server.stop()
