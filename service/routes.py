@@ -1,32 +1,25 @@
-"""HTTP routes. ``predict`` reads top to bottom as the data flows:
-decode -> preprocess -> batcher (engine pool) -> postprocess -> response.
+"""HTTP routes: each reads its request, hands the image to ``service.inference.detect`` (decode ->
+preprocess -> batcher -> engine pool -> postprocess) and shapes the answer with ``service.response``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import time
-from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service.batcher import Batched
-from service.decode import decode_image
-from service.errors import ClientDisconnected, DeadlineExceeded, ErrorBody, Unauthorized
+from service.errors import ErrorBody, Unauthorized
+from service.inference import detect
 from service.manifest import Manifest
-from service.postprocess import postprocess_image
-from service.preprocess import prepare_image
 from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
 from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
 from service.runtime import Runtime
 
-T = TypeVar("T")
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 
 _bearer = HTTPBearer(auto_error=False, description="The server's MASKRCNN_API_KEY, when it sets one.")
@@ -93,65 +86,9 @@ async def predict(
     with runtime.metrics.in_flight.track_inprogress():
         payload = await read_payload(request, settings.max_body_bytes)
         options = merge_options(query, payload.options)
-        postprocess_options = runtime.postprocess_options(options)
-        seconds: dict[str, float] = {}
-
-        _check_deadline(deadline, "decode")
-        rgb = await _timed(
-            seconds, "decode", decode_image, payload.image,
-            max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side,
-        )
-        _check_deadline(deadline, "preprocess")
-        prepared = await _timed(seconds, "preprocess", prepare_image, rgb, runtime.pool.input_spec)
-        _check_deadline(deadline, "queue")
-        batched = await _await_batch(runtime.batcher.submit(prepared, deadline), request, deadline)
-        seconds["queue_wait"], seconds["inference"] = batched.queue_wait_s, batched.run_s
-        outputs = batched.value
-        detections = await _timed(
-            seconds, "postprocess", postprocess_image, outputs.dets, outputs.labels, outputs.masks,
-            prepared.scale_factor, prepared.orig_hw, **postprocess_options,
-        )
-        seconds["total"] = loop.time() - started
-        runtime.metrics.observe_stages(seconds)
-        return build_response(detections, runtime.classes, prepared.orig_hw, seconds,
+        result = await detect(runtime, request, payload.image, options, started, deadline)
+        return build_response(result.detections, runtime.classes, result.image.orig_hw, result.seconds,
                               response_format=options.format, image_id=options.image_id)
-
-
-async def _timed(seconds: dict[str, float], stage: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run ``fn`` in a worker thread and record its wall time under ``stage``."""
-    t0 = time.perf_counter()
-    result = await run_in_threadpool(fn, *args, **kwargs)
-    seconds[stage] = time.perf_counter() - t0
-    return result
-
-
-def _check_deadline(deadline: float, stage: str) -> None:
-    if asyncio.get_running_loop().time() >= deadline:
-        raise DeadlineExceeded(f"the request's deadline passed before {stage}")
-
-
-async def _await_batch(future: asyncio.Future[Batched[T]], request: Request, deadline: float) -> Batched[T]:
-    """The batch result, unless the deadline passes or the client leaves first (then the item is withdrawn)."""
-    loop = asyncio.get_running_loop()
-    disconnected = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait(
-            {future, disconnected}, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
-        )
-        if future.done():  # also when the timeout raced the batcher's own deadline check
-            return future.result()
-        if disconnected.done():
-            raise ClientDisconnected("the client closed the connection while its image waited")
-        raise DeadlineExceeded("the request's deadline passed while its image waited for or ran on the engine")
-    finally:
-        disconnected.cancel()
-        future.cancel()
-
-
-async def _disconnected(request: Request) -> None:
-    """Return once the client disconnects (the body has been read, so only that message remains)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 @probes.get("/healthz", summary="Liveness: the process is up")

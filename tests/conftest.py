@@ -142,3 +142,26 @@ def engine_dir_mutable() -> Path:
     """ONNX Runtime fp32 artifact with a mutable batch (max 4), random-init weights, score
     threshold 0; tests/test_mutable_batch.py checks its parity."""
     return cached_mutable_artifact(max_batch=4)
+
+
+def minimal_manifest(folder: Path, batch_size: int = 1, **changes) -> "Manifest":
+    """A valid manifest of a fixed-batch graph, saved in ``folder`` beside an empty model file:
+    for code that reads a manifest without running the model."""
+    from service.manifest import Manifest
+    from service.preprocess import InputSpec
+
+    n = 100
+    tensor = {"dtype": "float32", "shape": ["B", n], "meaning": "-"}
+    fields = dict(
+        backend="onnxruntime", precision="fp32", model_file="model.onnx", origin="random-init",
+        input=InputSpec().to_manifest_input(),
+        shape_profile={"batch": {"mutable": False, "size": batch_size}, "min_hw": [32, 32], "opt_hw": [800, 1344],
+                       "max_hw": [1344, 1344]},
+        outputs={"dets": tensor, "labels": tensor, "masks": tensor, "padding": "-"},
+        postprocess={"score_threshold": 0.05, "mask_threshold": 0.5, "max_detections": n, "paste": "mmdet"},
+    )
+    manifest = Manifest.model_validate({**fields, **changes})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / manifest.model_file).write_bytes(b"")
+    manifest.save(folder)
+    return manifest

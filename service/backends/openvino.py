@@ -1,28 +1,26 @@
-"""OpenVINO backend (CPU).
+"""OpenVINO backend (CPU): runs the IR that ``build_tools/backends/openvino.py`` builds.
 
-Precisions: ``fp32``; ``bf16`` (the fp32 IR compiled with OpenVINO's ``INFERENCE_PRECISION_HINT``
-bf16, which runs on CPUs with AVX512_BF16 or AMX and is refused elsewhere); ``int8`` (NNCF
-post-training quantisation calibrated on real images, saved as an int8 IR).
+Precisions: ``fp32``; ``bf16`` (the fp32 IR compiled with ``INFERENCE_PRECISION_HINT`` bf16, on
+CPUs with AVX512_BF16 or AMX); ``int8`` (an NNCF-quantised IR). The artifact's facts name the
+inference precision hint to compile with.
 """
 
 from __future__ import annotations
 
-import os
-
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from service.backends.base import BackendUnavailable, UnsupportedPrecision, canonical_precision
+from service.backends.base import OUTPUT_NAMES, BackendUnavailable, EngineBase
 from service.manifest import Manifest
 
 NAME = "openvino"
 PRECISIONS = ("fp32", "bf16", "int8")
-MODEL_FILE = "model.xml"
-OUTPUT_NAMES = ("dets", "labels", "masks")
-# The inference precision each artifact precision runs at.
-_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# One worker drives one engine with one infer request, so LATENCY (one stream using all the
+# threads) is the default; the service's OpenVINO settings choose others for other layouts.
+DEFAULT_PERFORMANCE_HINT = "LATENCY"
 
 
 def available() -> tuple[bool, str]:
@@ -34,86 +32,50 @@ def available() -> tuple[bool, str]:
 
 
 def cpu_capabilities() -> list[str]:
+    """The CPU plugin's ``OPTIMIZATION_CAPABILITIES`` here (e.g. ``FP32``, ``BF16``, ``INT8``)."""
     import openvino as ov
 
     return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
-def compile(
-    onnx_path: Path,
-    out_dir: Path,
-    precision: str,
-    calibration: Iterable[dict[str, np.ndarray]] | None = None,
-    **options,
-) -> tuple[str, dict]:
-    import openvino as ov
+class OpenVinoEngine(EngineBase):
+    """One compiled model and one infer request; one worker drives it.
 
-    precision = canonical_precision(precision)
-    if precision not in PRECISIONS:
-        raise UnsupportedPrecision(f"openvino builds {', '.join(PRECISIONS)}, not {precision}")
-    if precision == "bf16" and "BF16" not in cpu_capabilities():
-        raise UnsupportedPrecision("bf16 needs a CPU with AVX512_BF16 or AMX; this one has neither")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = ov.convert_model(str(onnx_path))
-    facts = {"inference_precision_hint": _HINT[precision], "openvino": ov.get_version()}
-    if precision == "int8":
-        if calibration is None:
-            raise UnsupportedPrecision("int8 needs calibration images (--calib-images DIR)")
-        import nncf
+    Args:
+        threads: ``INFERENCE_NUM_THREADS`` (None: OpenVINO's default, all cores).
+        performance_hint: ``LATENCY``, ``THROUGHPUT`` or ``CUMULATIVE_THROUGHPUT``.
+        streams: ``NUM_STREAMS`` (None: what the hint implies).
+    """
 
-        feeds = list(calibration)
-        if not feeds:
-            raise UnsupportedPrecision("int8 calibration got no images")
-        model = nncf.quantize(
-            model,
-            nncf.Dataset(feeds),
-            subset_size=len(feeds),
-            # symmetric weights, asymmetric activations: the activations after ReLU-free adds
-            # (FPN sums) are not centred on zero
-            preset=nncf.QuantizationPreset.MIXED,
-        )
-        facts.update({"graph": "NNCF post-training int8", "calibration_images": len(feeds), "nncf": nncf.__version__})
-    else:
-        facts["graph"] = "exported ONNX converted to IR, fp32 weights"
-    ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)
-    return MODEL_FILE, facts
-
-
-class OpenVinoEngine:
-    """One compiled model and one infer request; one worker drives it."""
-
-    def __init__(self, model_path: Path, manifest: Manifest, threads: int | None = None):
+    def __init__(self, model_path: Path, manifest: Manifest, threads: int | None = None,
+                 performance_hint: str = DEFAULT_PERFORMANCE_HINT, streams: int | None = None):
         import openvino as ov
 
-        self.manifest = manifest
-        hint = manifest.tools.get("backend", {}).get("inference_precision_hint", "f32")
-        # one worker drives one engine with one infer request, so LATENCY (one stream using all the
-        # threads) is the default; MASKRCNN_OPENVINO_STREAMS / _PERFORMANCE_HINT override for other layouts
-        config = {"INFERENCE_PRECISION_HINT": hint,
-                  "PERFORMANCE_HINT": os.environ.get("MASKRCNN_OPENVINO_PERFORMANCE_HINT", "LATENCY")}
+        super().__init__(manifest, threads)
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": manifest.tools.backend["inference_precision_hint"],
+                                  "PERFORMANCE_HINT": performance_hint}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        if os.environ.get("MASKRCNN_OPENVINO_STREAMS"):
-            config["NUM_STREAMS"] = os.environ["MASKRCNN_OPENVINO_STREAMS"]
+        if streams is not None:
+            config["NUM_STREAMS"] = streams
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
         if len(self.compiled.outputs) != len(OUTPUT_NAMES):
-            raise BackendUnavailable(f"{model_path} has {len(self.compiled.outputs)} outputs, expected 3")
+            raise BackendUnavailable(f"{model_path} has {len(self.compiled.outputs)} outputs, expected {len(OUTPUT_NAMES)}")
         self.request = self.compiled.create_infer_request()
 
-    @property
-    def batch_size(self) -> int | None:
-        return self.manifest.batch_size
-
-    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        # outputs keep the graph's order; the ONNX names do not always survive conversion
-        results = self.request.infer({
-            "images": np.ascontiguousarray(images, dtype=np.float32),
-            "image_sizes": np.ascontiguousarray(image_sizes, dtype=np.int64),
-        })
-        return {name: np.array(results[port]) for name, port in zip(OUTPUT_NAMES, self.compiled.outputs)}
+    def _run(self, feed: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
+        # outputs keep the graph's order (the ONNX names do not always survive conversion); copies,
+        # as the request reuses its output memory on the next call
+        results = self.request.infer(feed)
+        return [np.array(results[port]) for port in self.compiled.outputs]
 
 
-def load(artifact_dir: Path, manifest: Manifest, threads: int | None = None) -> OpenVinoEngine:
-    return OpenVinoEngine(Path(artifact_dir) / manifest.model_file, manifest, threads)
+def load(artifact_dir: Path, manifest: Manifest, threads: int | None = None,
+         options: Mapping[str, Any] | None = None) -> OpenVinoEngine:
+    """Open the IR for the CPU plugin; ``options``: ``performance_hint`` and ``streams`` (see
+    :class:`OpenVinoEngine`), the service's OpenVINO settings."""
+    options = options or {}
+    return OpenVinoEngine(Path(artifact_dir) / manifest.model_file, manifest, threads,
+                          performance_hint=options.get("performance_hint") or DEFAULT_PERFORMANCE_HINT,
+                          streams=options.get("streams"))

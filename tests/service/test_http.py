@@ -90,6 +90,9 @@ def test_concurrent_requests_are_batched_and_match_the_engine(server, engine_b2)
     assert coco.status_code == 200, coco.text
     # one engine call carried both images
     assert server.metric("maskrcnn_batch_size_count") == batches_before + 1
+    # prometheus_client's process collector is on the app's registry: the RSS of a process holding an engine
+    assert server.metric("process_resident_memory_bytes") > 50 * 2**20
+    assert server.metric("python_info") == 1
     pairs_after = server.metric("maskrcnn_batch_size_bucket", le="2.0") - server.metric("maskrcnn_batch_size_bucket", le="1.0")
     assert pairs_after == pairs_before + 1
 
