@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.metadata import version
 
@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.admission import MemoryBudget
 from service.backends import Engine
 from service.batcher import Batcher
 from service.engine_pool import EnginePool, ImageOutputs
@@ -23,7 +24,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestCounter
 from service.preprocess import PreparedImage, prepare_image
 from service.response import ClassTable, OrjsonResponse
-from service.routes import api, probes
+from service.routes import API_KEY_GUARD, api, probes
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -32,26 +33,38 @@ log = logging.getLogger(__name__)
 WARM_UP_HW = (480, 640)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The service app; ``engine`` (already loaded) replaces loading ``settings.engine_dir``.
+def create_app(
+    settings: Settings, engine: Engine | None = None, engine_factory: Callable[[], Engine] | None = None
+) -> FastAPI:
+    """The service app. By default the pool opens ``settings.workers`` sessions on
+    ``settings.engine_dir``; ``engine`` (already loaded) makes a pool of that one session, which is
+    not replaced if it hangs; ``engine_factory`` opens every session, replacements included.
 
     Raises:
-        ValueError: neither an engine nor ``settings.engine_dir``, or an injected engine with
+        ValueError: none of the three, both injections, or an injected engine with
             ``settings.workers != 1``.
     """
-    if engine is None and settings.engine_dir is None:
+    if engine is None and engine_factory is None and settings.engine_dir is None:
         raise ValueError("settings.engine_dir (MASKRCNN_ENGINE_DIR) is required when no engine is injected")
+    if engine is not None and engine_factory is not None:
+        raise ValueError("inject an engine or an engine factory, not both")
     if engine is not None and settings.workers != 1:
         raise ValueError(f"an injected engine is one session; settings.workers must be 1, got {settings.workers}")
     metrics = Metrics()
 
+    def open_pool() -> EnginePool:
+        options = {"engine_timeout_s": settings.engine_timeout_s,
+                   "on_replace": lambda why: metrics.engine_replacements.inc()}
+        if engine is not None:
+            return EnginePool([engine], **options)
+        if engine_factory is not None:
+            return EnginePool([engine_factory() for _ in range(settings.workers)], factory=engine_factory, **options)
+        return EnginePool.load(settings.engine_dir, settings.workers, settings.threads_per_session,
+                               settings.backend_options(), **options)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
-            pool = EnginePool([engine])
-        else:
-            pool = await run_in_threadpool(EnginePool.load, settings.engine_dir, settings.workers,
-                                           settings.threads_per_session, settings.backend_options())
+        pool = await run_in_threadpool(open_pool)
         max_batch_size = pool.max_batch_size(settings.max_batch_size)
 
         async def run_batch(images: list[PreparedImage]) -> list[ImageOutputs]:
@@ -66,6 +79,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             num_workers=pool.size,
             group_key=pool.padded_hw,
             retry_after_s=settings.retry_after_s,
+            on_worker_restart=lambda why: metrics.worker_restarts.inc(),
         )
         manifest = pool.manifest
         metrics.queue_depth.set_function(lambda: batcher.depth)
@@ -78,7 +92,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             "sessions": str(pool.size),
             "threads_per_session": str(settings.threads_per_session),
         })
-        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest(manifest.classes))
+        budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
+        metrics.memory_in_flight.set_function(lambda: budget.in_use_bytes)
+        metrics.memory_budget.set(budget.limit_bytes)
+        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest(manifest.classes), budget)
         app.state.runtime = runtime
         async with batcher:
             warm_up = asyncio.create_task(_warm_up(runtime))
@@ -99,8 +116,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     app.add_middleware(RequestCounter, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status)).inc())
-    app.include_router(api)
+    app.include_router(api, **(API_KEY_GUARD if settings.api_key is not None else {}))
     app.include_router(probes)
+    _document_limits(app, settings)
     return app
 
 
@@ -109,10 +127,30 @@ async def _warm_up(runtime: Runtime) -> None:
     noise = np.random.default_rng(0).integers(0, 256, (*WARM_UP_HW, 3), dtype=np.uint8)
     try:
         image = prepare_image(noise, runtime.pool.input_spec)
+        started = asyncio.get_running_loop().time()
         await runtime.pool.warm_up(image)
+        # seeds the batcher's service-time estimate (deadline-aware admission) with one session's call
+        runtime.batcher.observe_run((asyncio.get_running_loop().time() - started) / runtime.pool.size)
     except Exception as exc:
         log.exception("engine warm-up failed")
         runtime.not_ready_reason = f"the engine failed its warm-up: {type(exc).__name__}: {exc}"
         return
     runtime.not_ready_reason = None
     log.info("engine warmed up on %d session(s); ready", runtime.pool.size)
+
+
+def _document_limits(app: FastAPI, settings: Settings) -> None:
+    """State this server's image limits in the OpenAPI description of /predict's body."""
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = default_openapi()
+            body = schema["paths"]["/predict"]["post"]["requestBody"]
+            body["description"] += (
+                f" Each image side must be at least {settings.min_side} pixels; at most {settings.max_pixels} pixels "
+                f"and {settings.max_bytes} bytes per image."
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -7,24 +7,34 @@ Rules (after Ray Serve's ``serve.batch``):
   shape, so one engine call pads little), oldest first; it is dispatched when full or when its
   oldest item has waited ``max_wait_s``, whichever comes first, and only when a worker is free;
 - at most ``max_queue_depth`` items wait; one more is refused with :class:`Overloaded` (503);
+- an item that cannot finish before its deadline, by the wait and run time estimated from the
+  batches measured so far (:meth:`Batcher.estimated_finish_s`), is refused at once with
+  :class:`DeadlineUnreachable` (503) instead of being accepted and answered 504 later;
 - an item whose deadline has passed fails with :class:`DeadlineExceeded` (504) instead of
   running, and an item whose caller cancelled its future (the client went away) leaves the
   queue at once and never runs;
 - the batch function must return one result per item, in order; otherwise, or when it raises,
-  every caller of that batch receives the exception, and the worker goes on with the next batch.
+  every caller of that batch receives the exception, and the worker goes on with the next batch;
+- a worker that ends while the batcher is open (a bug, or a task cancelled from outside) fails
+  its batch's callers, is counted (``worker_restarts``, ``on_worker_restart``) and replaced at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.errors import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Weight of the newest batch in the running mean of batch run times.
+RUN_TIME_SMOOTHING = 0.3
 R = TypeVar("R")
 
 
@@ -64,6 +74,7 @@ class Batcher(Generic[T, R]):
         num_workers: int = 1,
         group_key: Callable[[T], Hashable] = lambda _: None,
         retry_after_s: int = 1,
+        on_worker_restart: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -85,11 +96,31 @@ class Batcher(Generic[T, R]):
         self._forming = asyncio.Lock()
         self._workers: list[asyncio.Task[None]] = []
         self._closed = True
+        self._on_worker_restart = on_worker_restart
+        self.worker_restarts = 0
+        self._run_s: float | None = None  # smoothed run time of one batch
+        self._running_since: dict[int, float] = {}  # worker -> event-loop time its batch started
 
     async def __aenter__(self) -> Batcher[T, R]:
         self._closed = False
-        self._workers = [asyncio.create_task(self._work(), name=f"batcher-{i}") for i in range(self._num_workers)]
+        self._workers = [self._start_worker(i) for i in range(self._num_workers)]
         return self
+
+    def _start_worker(self, worker: int) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._work(worker), name=f"batcher-{worker}")
+        task.add_done_callback(lambda done: self._worker_ended(worker, done))
+        return task
+
+    def _worker_ended(self, worker: int, task: asyncio.Task[None]) -> None:
+        if self._closed:
+            return
+        why = "was cancelled" if task.cancelled() else f"died: {type(task.exception()).__name__}: {task.exception()}"
+        log.error("batcher worker %d %s; starting a new one", worker, why)
+        self._running_since.pop(worker, None)
+        self.worker_restarts += 1
+        if self._on_worker_restart is not None:
+            self._on_worker_restart(why)
+        self._workers[worker] = self._start_worker(worker)
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._closed = True
@@ -118,12 +149,48 @@ class Batcher(Generic[T, R]):
                 retry_after_s=self._retry_after_s,
             )
 
+    def observe_run(self, seconds: float) -> None:
+        """Feed one batch's run time into the estimate (the batcher's own batches feed it too;
+        a warm-up run seeds it)."""
+        self._run_s = seconds if self._run_s is None else (
+            RUN_TIME_SMOOTHING * seconds + (1 - RUN_TIME_SMOOTHING) * self._run_s)
+
+    def estimated_finish_s(self, now: float) -> float | None:
+        """Seconds from ``now`` until an item submitted now would have its result, or None before
+        any batch was measured: the batches queued ahead of it shared among the workers, after the
+        earliest running batch ends when every worker is busy, then its own batch."""
+        if self._run_s is None:
+            return None
+        run = self._run_s
+        batches_ahead = len(self._queue) // self.max_batch_size
+        start = (batches_ahead // self._num_workers) * run
+        if len(self._running_since) >= self._num_workers:
+            start += max(0.0, min(self._running_since.values()) + run - now)
+        return start + run
+
+    def check_deadline(self, deadline: float) -> None:
+        """Raise :class:`DeadlineUnreachable` if an item submitted now would finish after ``deadline``
+        (event-loop time) by :meth:`estimated_finish_s`."""
+        now = asyncio.get_running_loop().time()
+        finish = self.estimated_finish_s(now)
+        if finish is not None and now + finish > deadline:
+            raise DeadlineUnreachable(
+                f"the engine would answer in about {finish:.1f} s ({len(self._queue)} images queued), after this "
+                f"request's deadline in {max(0.0, deadline - now):.1f} s; retry later or allow more time "
+                "(X-Request-Timeout-Ms)",
+                retry_after_s=max(self._retry_after_s, math.ceil(finish - max(0.0, deadline - now))),
+            )
+
     def submit(self, item: T, deadline: float) -> asyncio.Future[Batched[R]]:
         """Queue ``item``; ``deadline`` is in event-loop time (``loop.time()``).
 
         The caller awaits the returned future; cancelling it withdraws the item.
+
+        Raises:
+            NotReady, Overloaded, DeadlineUnreachable: see :meth:`check_capacity`, :meth:`check_deadline`.
         """
         self.check_capacity()
+        self.check_deadline(deadline)
         loop = asyncio.get_running_loop()
         pending = _Pending(item, self._group_key(item), deadline, loop.time(), loop.create_future())
         pending.future.add_done_callback(lambda fut: self._withdraw(pending) if fut.cancelled() else None)
@@ -135,10 +202,10 @@ class Batcher(Generic[T, R]):
         with contextlib.suppress(ValueError):
             self._queue.remove(pending)
 
-    async def _work(self) -> None:
+    async def _work(self, worker: int) -> None:
         while True:
             batch = await self._next_batch()
-            await self._run(batch)
+            await self._run(batch, worker)
 
     async def _next_batch(self) -> list[_Pending[T, R]]:
         loop = asyncio.get_running_loop()
@@ -169,20 +236,25 @@ class Batcher(Generic[T, R]):
                     DeadlineExceeded(f"the deadline passed after {now - pending.enqueued:.3f} s in the queue")
                 )
 
-    async def _run(self, batch: list[_Pending[T, R]]) -> None:
+    async def _run(self, batch: list[_Pending[T, R]], worker: int) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        self._running_since[worker] = started
         try:
             results = await self._handle_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise InferenceFailed(f"the batch function returned {len(results)} results for {len(batch)} inputs")
-        except asyncio.CancelledError:  # the batcher is closing under this batch
-            _fail(batch, self._shutting_down())
+        except asyncio.CancelledError:  # the batcher is closing under this batch, or its worker was stopped
+            _fail(batch, self._shutting_down() if self._closed else InferenceFailed(
+                "the worker running this batch stopped; a new one serves the next requests"))
             raise
         except Exception as exc:
             _fail(batch, exc)
             return
+        finally:
+            del self._running_since[worker]
         run_s = loop.time() - started
+        self.observe_run(run_s)
         for pending, result in zip(batch, results):
             if not pending.future.done():
                 pending.future.set_result(Batched(result, started - pending.enqueued, run_s, len(batch)))

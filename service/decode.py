@@ -22,13 +22,18 @@ _SIXTEEN_BIT_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -> np.ndarray:
     """Decode an encoded image to ``uint8 [h, w, 3]`` RGB, EXIF orientation applied.
 
-    Grayscale is replicated to three channels, alpha is dropped (as OpenCV's ``IMREAD_COLOR``
-    does, which mmdet's reference pipeline uses), 16-bit samples keep their high byte, CMYK and
-    palette images are converted.
+    :func:`open_image` then :func:`decode_opened`; see them for the conversions and errors.
+    """
+    return decode_opened(open_image(data, max_bytes=max_bytes, max_pixels=max_pixels, min_side=min_side))
+
+
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -> Image.Image:
+    """Read the image header only and check the limits; ``.size`` is ``(width, height)``, pixels
+    (before EXIF orientation).
 
     Raises:
         PayloadTooLarge: more than ``max_bytes`` bytes, or more than ``max_pixels`` pixels.
-        InvalidImage: empty, not one of the supported formats, corrupt or truncated, or a side
+        InvalidImage: empty, not one of the supported formats, a malformed header, or a side
             shorter than ``min_side`` pixels.
     """
     if not data:
@@ -52,7 +57,19 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int)
         )
     if min(width, height) < min_side:
         raise InvalidImage(f"the image is {width}x{height}; each side must be at least {min_side} pixels")
+    return image
 
+
+def decode_opened(image: Image.Image) -> np.ndarray:
+    """The pixels of an :func:`open_image` result as ``uint8 [h, w, 3]`` RGB, EXIF orientation applied.
+
+    Grayscale is replicated to three channels, alpha is dropped (as OpenCV's ``IMREAD_COLOR``
+    does, which mmdet's reference pipeline uses), 16-bit samples keep their high byte, CMYK and
+    palette images are converted.
+
+    Raises:
+        InvalidImage: corrupt or truncated pixel data, or a malformed EXIF block.
+    """
     try:
         image.load()
         image = ImageOps.exif_transpose(image)

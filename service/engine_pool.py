@@ -3,12 +3,20 @@
 A batch of prepared images goes to an idle session; its worker pads the batch (``pad_batch``),
 runs the engine and splits the outputs back into one :class:`ImageOutputs` per image, after
 checking that the engine answered every slot.
+
+A call that has not returned after ``engine_timeout_s`` fails its batch with :class:`EngineTimeout`
+(504) and retires the session: its thread is abandoned (a thread cannot be stopped) and, when the
+pool has a factory, a replacement session is opened in the background and counted
+(``on_replace``). Until one is back, the pool serves with the sessions it has left; with none it
+is not :attr:`~EnginePool.serving`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import itertools
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +26,7 @@ import numpy as np
 
 from service.backends import Engine, load_engine
 from service.backends.base import OUTPUT_NAMES
-from service.errors import InferenceFailed
+from service.errors import EngineTimeout, InferenceFailed
 from service.manifest import Manifest
 from service.preprocess import PreparedImage, pad_batch, padded_hw
 
@@ -38,6 +46,9 @@ class ImageOutputs:
     masks: np.ndarray
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class _Session:
     engine: Engine
@@ -47,19 +58,39 @@ class _Session:
 class EnginePool:
     """Runs batches on whichever of its sessions is idle; all sessions share one manifest."""
 
-    def __init__(self, engines: Sequence[Engine]) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        *,
+        factory: Callable[[], Engine] | None = None,
+        engine_timeout_s: float | None = None,
+        on_replace: Callable[[str], None] | None = None,
+    ) -> None:
+        """``engines``: the open sessions; ``factory`` opens a replacement for a retired one (None:
+        none is opened); ``engine_timeout_s``: how long one call may take (None: no limit)."""
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.manifest: Manifest = engines[0].manifest
         self.batch_size: int | None = engines[0].batch_size
         self.input_spec = self.manifest.input.spec
         self._min_hw = self.manifest.shape_profile.min_hw
-        self._sessions = [
-            _Session(engine, ThreadPoolExecutor(1, thread_name_prefix=f"engine-{i}")) for i, engine in enumerate(engines)
-        ]
+        self._factory = factory
+        self._engine_timeout_s = engine_timeout_s
+        self._on_replace = on_replace
+        self._names = itertools.count()
+        self._sessions = [self._session(engine) for engine in engines]
+        self.size = len(self._sessions)
         self._idle: asyncio.Queue[_Session] = asyncio.Queue()
         for session in self._sessions:
             self._idle.put_nowait(session)
+
+    def _session(self, engine: Engine) -> _Session:
+        return _Session(engine, ThreadPoolExecutor(1, thread_name_prefix=f"engine-{next(self._names)}"))
+
+    @property
+    def serving(self) -> bool:
+        """Whether at least one session can take a batch (the others may be being replaced)."""
+        return bool(self._sessions)
 
     @classmethod
     def load(
@@ -68,14 +99,14 @@ class EnginePool:
         sessions: int,
         threads: int | None,
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+        **options: Any,
     ) -> EnginePool:
         """Open ``sessions`` engines on the artifact, each with ``threads`` intra-op threads and the
-        options of its backend (see ``load_engine``)."""
-        return cls([load_engine(artifact_dir, threads, backend_options) for _ in range(sessions)])
+        options of its backend (see ``load_engine``); ``options`` are the pool's keywords."""
+        def factory() -> Engine:
+            return load_engine(artifact_dir, threads, backend_options)
 
-    @property
-    def size(self) -> int:
-        return len(self._sessions)
+        return cls([factory() for _ in range(sessions)], factory=factory, **options)
 
     def max_batch_size(self, requested: int) -> int:
         """Images per engine call: the graph's fixed batch size, else ``requested`` capped at the
@@ -93,11 +124,44 @@ class EnginePool:
             InferenceFailed: the engine raised, or its outputs do not cover the batch.
         """
         session = await self._idle.get()
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(session.worker, self._infer_on, session.engine, images)
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(session.worker, self._infer_on, session.engine, images)
-        finally:
+            result = await asyncio.wait_for(asyncio.shield(call), self._engine_timeout_s)
+        except asyncio.TimeoutError:
+            self._retire(session, f"a call took longer than {self._engine_timeout_s} s")
+            raise EngineTimeout(
+                f"the engine did not answer a batch of {len(images)} within {self._engine_timeout_s} s "
+                "(MASKRCNN_ENGINE_TIMEOUT_S); its session is being replaced"
+            ) from None
+        except BaseException:
             self._idle.put_nowait(session)
+            raise
+        self._idle.put_nowait(session)
+        return result
+
+    def _retire(self, session: _Session, why: str) -> None:
+        """Take ``session`` out of service and, with a factory, open a replacement in the background."""
+        log.error("engine session retired: %s", why)
+        self._sessions.remove(session)
+        session.worker.shutdown(wait=False, cancel_futures=True)
+        if self._factory is not None:
+            asyncio.get_running_loop().create_task(self._replace(why))
+
+    async def _replace(self, why: str) -> None:
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1, thread_name_prefix="engine-open") as opener:
+            try:
+                engine = await loop.run_in_executor(opener, self._factory)
+            except Exception:
+                log.exception("opening a replacement engine session failed")
+                return
+        session = self._session(engine)
+        self._sessions.append(session)
+        self._idle.put_nowait(session)
+        if self._on_replace is not None:
+            self._on_replace(why)
+        log.info("a replacement engine session is serving")
 
     async def warm_up(self, image: PreparedImage) -> None:
         """Run one full batch of ``image`` on every session (first runs allocate and tune)."""

@@ -113,6 +113,13 @@ class Overloaded(Unavailable):
     code = "overloaded"
 
 
+class DeadlineUnreachable(Unavailable):
+    """503 with Retry-After: by the measured service times, the request would finish after its
+    deadline, so it is refused before any work is spent on it."""
+
+    code = "deadline_unreachable"
+
+
 class NotReady(Unavailable):
     """503 with Retry-After: the engine is not loaded and warmed up yet, or is shutting down."""
 
@@ -132,6 +139,12 @@ STAGE_ERRORS: dict[type[Exception], tuple[type[ServiceError], str]] = {
     UnknownClasses: (InvalidParameters, ""),
     InvalidDetectionsError: (InferenceFailed, "the engine's outputs break the output contract: "),
 }
+
+
+class EngineTimeout(DeadlineExceeded):
+    """504: an engine call took longer than the engine timeout; its session is being replaced."""
+
+    code = "engine_timeout"
 
 
 class ErrorDetail(BaseModel):

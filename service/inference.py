@@ -17,7 +17,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from service.batcher import Batched
-from service.decode import decode_image
+from service.admission import Reservation, image_bytes
+from service.decode import decode_opened, open_image
 from service.errors import ClientDisconnected, DeadlineExceeded
 from service.postprocess import ImageDetections, postprocess_image
 from service.preprocess import PreparedImage, prepare_image
@@ -37,31 +38,48 @@ class Inference:
 
 
 async def detect(
-    runtime: Runtime, request: Request, image: bytes, options: PredictOptions, started: float, deadline: float
+    runtime: Runtime,
+    request: Request,
+    image: bytes,
+    options: PredictOptions,
+    started: float,
+    deadline: float,
+    reservation: Reservation,
 ) -> Inference:
     """Detect the objects of one encoded image.
 
     Args:
-        runtime: the app's runtime (settings, batcher, pool, metrics, classes).
+        runtime: the app's runtime (settings, batcher, pool, metrics, classes, memory budget).
         request: the HTTP request, watched for the client going away while the image waits.
         image: the encoded image.
         options: the answer's options (thresholds, classes, masks).
         started: event-loop time the request arrived; ``deadline``: event-loop time it must end by.
+        reservation: the request's share of the memory budget; the image's pixels and tensor are
+            held there before they are decoded (released again as they are freed).
 
     Raises:
-        ServiceError subclasses (bad image, overload, deadline, client gone, engine failure) and the
-        stages' own errors, which ``errors.STAGE_ERRORS`` maps.
+        ServiceError subclasses (bad image, memory or queue full, deadline, client gone, engine
+        failure) and the stages' own errors, which ``errors.STAGE_ERRORS`` maps.
     """
     settings = runtime.settings
+    spec = runtime.pool.input_spec
     postprocess_options = runtime.postprocess_options(options)
     seconds: dict[str, float] = {}
     _check_deadline(deadline, "decode")
-    rgb = await _timed(
-        seconds, "decode", decode_image, image,
-        max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side,
+    t0 = time.perf_counter()
+    header = await run_in_threadpool(
+        open_image, image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side
     )
+    width, height = header.size
+    decode_bytes, tensor_bytes = image_bytes(width, height, spec.resized_hw((height, width)))
+    reservation.hold("pixels", decode_bytes, f"decoding a {width}x{height} image")
+    reservation.hold("tensor", tensor_bytes, f"the engine input of a {width}x{height} image")
+    rgb = await run_in_threadpool(decode_opened, header)
+    seconds["decode"] = time.perf_counter() - t0
     _check_deadline(deadline, "preprocess")
-    prepared = await _timed(seconds, "preprocess", prepare_image, rgb, runtime.pool.input_spec)
+    prepared = await _timed(seconds, "preprocess", prepare_image, rgb, spec)
+    del rgb, header
+    reservation.release("pixels")
     _check_deadline(deadline, "queue")
     batched = await _await_batch(runtime.batcher.submit(prepared, deadline), request, deadline)
     seconds["queue_wait"], seconds["inference"] = batched.queue_wait_s, batched.run_s

@@ -49,6 +49,19 @@ class Metrics:
         self.queue_depth = Gauge("maskrcnn_queue_depth", "Images waiting for an engine session", registry=self.registry)
         self.in_flight = Gauge("maskrcnn_requests_in_flight", "/predict requests being handled", registry=self.registry)
         self.engine = Info("maskrcnn_engine", "The loaded engine and how it is served", registry=self.registry)
+        self.memory_in_flight = Gauge(
+            "maskrcnn_memory_in_flight_bytes", "Bytes the requests being handled hold (bodies, pixels, tensors)",
+            registry=self.registry,
+        )
+        self.memory_budget = Gauge(
+            "maskrcnn_memory_budget_bytes", "The memory budget of the requests in flight", registry=self.registry
+        )
+        self.engine_replacements = Counter(
+            "maskrcnn_engine_replacements", "Engine sessions opened to replace one that hung", registry=self.registry
+        )
+        self.worker_restarts = Counter(
+            "maskrcnn_worker_restarts", "Batcher workers restarted after ending unexpectedly", registry=self.registry
+        )
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():

@@ -7,12 +7,18 @@ Three body forms carry one image:
 - a raw image body with ``Content-Type: image/jpeg | image/png | image/webp | image/bmp``.
 
 Options may also be query parameters; a field given in the body wins over the query.
+
+A request refused before its body is read (413, 415, 503) first has the rest of its body read and
+dropped, up to a bound (:func:`discard_body`): clients that send the whole body before reading
+(urllib, requests, httpx) would otherwise see the connection reset instead of the error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +101,40 @@ def merge_options(query: PredictOptions, body_options: dict[str, Any]) -> Predic
         raise InvalidParameters(describe_validation_errors(exc.errors())) from None
 
 
+def body_bytes_to_hold(request: Request, max_body_bytes: int) -> int:
+    """Memory the body will hold once read: its declared length (at most the limit; the limit when
+    undeclared), twice for JSON and multipart, whose image is copied out of the body."""
+    declared = request.headers.get("content-length", "")
+    size = min(int(declared), max_body_bytes) if declared.isdigit() else max_body_bytes
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return size if media_type in RAW_IMAGE_TYPES else 2 * size
+
+
+async def discard_body(request: Request, limit_bytes: int, timeout_s: float = 10.0) -> None:
+    """Read and drop what the client still sends of the body: at most ``limit_bytes`` and
+    ``timeout_s`` seconds. Nothing is read from a client waiting for ``100 Continue`` (curl for
+    large bodies): it has not sent the body and reads the answer first."""
+    if request.headers.get("expect", "").lower() == "100-continue" and not getattr(request.state, "body_started", False):
+        return
+    if getattr(request.state, "body_done", False):
+        return
+    dropped = 0
+
+    async def drain() -> None:
+        nonlocal dropped
+        while dropped <= limit_bytes:
+            message = await request.receive()
+            if message["type"] != "http.request":
+                return
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    with contextlib.suppress(asyncio.TimeoutError, ClientDisconnect, OSError):
+        await asyncio.wait_for(drain(), timeout_s)
+    request.state.body_done = True
+
+
 async def read_payload(request: Request, max_body_bytes: int) -> Payload:
     """Read the body (at most ``max_body_bytes``) and take the image and option fields from it.
 
@@ -124,14 +164,22 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
+    request.state.body_started = True
     try:
-        async for chunk in request.stream():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
     except ClientDisconnect:
         raise ClientDisconnected("the client closed the connection while sending the body") from None
+    request.state.body_done = True
     return b"".join(chunks)
 
 

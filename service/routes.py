@@ -13,10 +13,17 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
-from service.errors import ErrorBody, Unauthorized
+from service.errors import ErrorBody, ServiceError, Unauthorized
 from service.inference import detect
 from service.manifest import Manifest
-from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
+from service.request import (
+    PredictOptions,
+    body_bytes_to_hold,
+    discard_body,
+    merge_options,
+    read_payload,
+    request_body_openapi,
+)
 from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
 from service.runtime import Runtime
 
@@ -47,7 +54,12 @@ def require_api_key(
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 probes = APIRouter(tags=["operations"])
-api = APIRouter(dependencies=[Depends(require_api_key)], responses={401: {"model": ErrorBody, "description": "API key missing or wrong"}})
+# The inference routes; create_app adds the API-key guard (and its OpenAPI scheme) only when a key is set.
+api = APIRouter()
+API_KEY_GUARD = {
+    "dependencies": [Depends(require_api_key)],
+    "responses": {401: {"model": ErrorBody, "description": "API key missing or wrong"}},
+}
 
 
 @api.post(
@@ -81,12 +93,18 @@ async def predict(
     started = loop.time()
     settings = runtime.settings
     deadline = started + (timeout_ms or settings.request_timeout_ms) / 1000
-    runtime.require_ready()
-    runtime.batcher.check_capacity()  # refuse before reading the body when the queue is full
-    with runtime.metrics.in_flight.track_inprogress():
-        payload = await read_payload(request, settings.max_body_bytes)
+    with runtime.budget.reservation() as reservation, runtime.metrics.in_flight.track_inprogress():
+        try:  # admission, before the body is read: readiness, queue room, the deadline, memory
+            runtime.require_ready()
+            runtime.batcher.check_capacity()
+            runtime.batcher.check_deadline(deadline)
+            reservation.hold("body", body_bytes_to_hold(request, settings.max_body_bytes), "the request body")
+            payload = await read_payload(request, settings.max_body_bytes)
+        except ServiceError:
+            await discard_body(request, settings.max_drain_bytes)
+            raise
         options = merge_options(query, payload.options)
-        result = await detect(runtime, request, payload.image, options, started, deadline)
+        result = await detect(runtime, request, payload.image, options, started, deadline, reservation)
         return build_response(result.detections, runtime.classes, result.image.orig_hw, result.seconds,
                               response_format=options.format, image_id=options.image_id)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from service.admission import MemoryBudget
 from service.batcher import Batcher
 from service.engine_pool import EnginePool, ImageOutputs
 from service.errors import InvalidParameters, NotReady
@@ -22,6 +23,7 @@ class Runtime:
     batcher: Batcher[PreparedImage, ImageOutputs]
     metrics: Metrics
     classes: ClassTable
+    budget: MemoryBudget
     not_ready_reason: str | None = "the engine is warming up"  # None once warmed up
 
     def postprocess_options(self, options: PredictOptions) -> dict[str, Any]:
@@ -44,5 +46,9 @@ class Runtime:
         }
 
     def require_ready(self) -> None:
-        if self.not_ready_reason is not None:
-            raise NotReady(self.not_ready_reason, retry_after_s=self.settings.retry_after_s)
+        """Raise :class:`NotReady` (503) unless warmed up and at least one engine session serves."""
+        reason = self.not_ready_reason
+        if reason is None and not self.pool.serving:
+            reason = "every engine session hung and is being replaced"
+        if reason is not None:
+            raise NotReady(reason, retry_after_s=self.settings.retry_after_s)

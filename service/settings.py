@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.admission import default_budget_bytes
 from service.backends import backend_names
 from service.backends.base import cpu_cores
 from service.manifest import MANIFEST_NAME
@@ -44,6 +45,19 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image, in pixels (width x height), checked before decoding.")
     min_side: int = Field(8, ge=1, description="Smallest accepted image side, in pixels.")
     api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics needs it.")
+    memory_budget_bytes: int | None = Field(
+        None, ge=1 << 20,
+        description="Bytes the requests in flight may hold (bodies, decoded pixels, tensors); beyond it, 503. "
+        "Default: a quarter of the container's memory limit, 256 MiB to 2 GiB.",
+    )
+    max_drain_bytes: int = Field(
+        256 * 2**20, ge=0,
+        description="A request refused before its body is read has up to this much of the body read and dropped, "
+        "so clients that send before reading get the error, not a reset.",
+    )
+    engine_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest one engine call may take; past it, 504 and the session is replaced."
+    )
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="On SIGTERM, time to finish in-flight requests.")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503 answers, in seconds.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -76,6 +90,11 @@ class Settings(BaseSettings):
                       for name in type(self).model_fields if name.startswith(backend + "_")}
             for backend in backend_names()
         }
+
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes: the setting, or the default that follows the container's limit."""
+        return self.memory_budget_bytes or default_budget_bytes()
 
     @property
     def max_body_bytes(self) -> int:

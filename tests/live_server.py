@@ -91,10 +91,10 @@ class LiveServer:
 class InProcessServer(LiveServer):
     """uvicorn serving ``create_app(settings, engine)`` from a thread."""
 
-    def __init__(self, settings, engine) -> None:
+    def __init__(self, settings, engine, engine_factory=None) -> None:
         from service.app import create_app
 
-        self.app = create_app(settings, engine)
+        self.app = create_app(settings, engine, engine_factory)
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
         self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning"))
@@ -146,16 +146,21 @@ def serving(
     settings=None,
     engine=None,
     *,
+    engine_factory=None,
     engine_dir: Path | None = None,
     args: Sequence[str] = (),
     log: Path | None = None,
     ready: bool = True,
     timeout_s: float = 300,
 ) -> Iterator[LiveServer]:
-    """The service, in-process with ``settings`` and ``engine``, or as a subprocess on ``engine_dir``;
-    waits for /readyz unless ``ready`` is False; stopped on exit."""
+    """The service, in-process with ``settings`` and ``engine`` (or ``engine_factory``, see
+    ``create_app``), or as a subprocess on ``engine_dir``; waits for /readyz unless ``ready`` is
+    False; stopped on exit."""
     server: InProcessServer | ServeProcess
-    server = ServeProcess(engine_dir, args, log) if engine_dir is not None else InProcessServer(settings, engine)
+    if engine_dir is not None:
+        server = ServeProcess(engine_dir, args, log)
+    else:
+        server = InProcessServer(settings, engine, engine_factory)
     try:
         if ready:
             server.wait_ready(timeout_s)

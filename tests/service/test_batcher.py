@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from service.batcher import Batcher
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded
+from service.errors import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
 
 
 def run(coro):
@@ -200,3 +200,47 @@ def test_closing_fails_running_and_waiting_items_and_refuses_new_ones():
             batcher.submit(3, far())
 
     run(main())
+
+
+def test_an_item_that_would_finish_after_its_deadline_is_refused_at_once():
+    async def main():
+        fn = Recorder(delay_s=0.2)
+        async with Batcher(fn, max_batch_size=1, max_wait_s=0.0, max_queue_depth=8) as batcher:
+            loop = asyncio.get_running_loop()
+            assert batcher.estimated_finish_s(loop.time()) is None  # nothing measured: no refusal
+            await batcher.submit(0, far())  # one measured batch: about 0.2 s
+            running = batcher.submit(1, far())
+            queued = [batcher.submit(x, far()) for x in (2, 3)]
+            await asyncio.sleep(0.01)
+            # one batch running (~0.19 s left), two queued ahead, then its own: about 0.79 s
+            estimate = batcher.estimated_finish_s(loop.time())
+            with pytest.raises(DeadlineUnreachable) as refused:
+                batcher.submit(4, loop.time() + 0.5)
+            accepted = batcher.submit(5, loop.time() + 5.0)
+            await asyncio.gather(running, *queued, accepted)
+        return fn, estimate, refused.value
+
+    fn, estimate, refused = run(main())
+    assert 0.7 < estimate < 0.9
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) >= 1
+    assert "deadline" in refused.message
+    assert [b[0] for b in fn.batches] == [0, 1, 2, 3, 5]  # the refused item never ran
+
+
+def test_a_worker_stopped_from_outside_fails_its_batch_and_is_replaced():
+    restarts = []
+
+    async def main():
+        fn = Recorder(delay_s=0.5)
+        async with Batcher(fn, max_batch_size=1, max_wait_s=0.0, max_queue_depth=4,
+                           on_worker_restart=restarts.append) as batcher:
+            stuck = batcher.submit(1, far())
+            await asyncio.sleep(0.05)
+            batcher._workers[0].cancel()  # the fault: the worker task dies mid-batch
+            with pytest.raises(InferenceFailed, match="worker running this batch stopped"):
+                await stuck
+            served = await batcher.submit(2, far())
+        return batcher.worker_restarts, served.value
+
+    assert run(main()) == (1, 4)
+    assert restarts == ["was cancelled"]

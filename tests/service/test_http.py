@@ -267,7 +267,10 @@ def test_openapi_documents_every_route(server):
         "score_threshold": "query", "max_detections": "query", "classes": "query", "format": "query",
         "masks": "query", "image_id": "query", "X-Request-Timeout-Ms": "header",
     }
-    assert {"200", "400", "401", "413", "415", "422", "500", "503", "504"} <= set(predict["responses"])
+    assert {"200", "400", "413", "415", "422", "500", "503", "504"} <= set(predict["responses"])
+    # no API key on this server: no 401 and no security scheme declared; the image limits are stated
+    assert "401" not in predict["responses"] and "securitySchemes" not in spec.get("components", {})
+    assert "at least 8 pixels" in predict["requestBody"]["description"]
     assert predict["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     answer = predict["responses"]["200"]["content"]["application/json"]["schema"]["anyOf"]
     assert answer[0]["$ref"].endswith("/PredictResponse") and answer[1]["items"]["$ref"].endswith("/CocoResult")
@@ -324,6 +327,9 @@ def test_not_ready_until_warm_then_api_key_guards_all_but_probes(engine_b1):
         live.wait_ready()
 
         assert httpx.get(live.url + "/metrics").status_code == 200
+        spec = httpx.get(live.url + "/openapi.json").json()
+        assert set(spec["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+        assert "401" in spec["paths"]["/predict"]["post"]["responses"]
         for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic czNjcmV0"}):
             denied = live.post(PNG, "image/png", headers=headers)
             assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized", headers
