@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from service.batcher import Batched
 from service.admission import Reservation, image_bytes
-from service.decode import decode_opened, open_image
+from service.decode import decode_opened, open_image, upright_size
 from service.errors import ClientDisconnected, DeadlineExceeded
 from service.postprocess import ImageDetections, postprocess_image
 from service.preprocess import PreparedImage, prepare_image
@@ -70,14 +70,16 @@ async def detect(
     header = await run_in_threadpool(
         open_image, image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side
     )
-    width, height = header.size
-    decode_bytes, tensor_bytes = image_bytes(width, height, spec.resized_hw((height, width)))
+    width, height = upright_size(header)
+    resized_h, resized_w = spec.resized_hw((height, width))
+    decode_bytes, tensor_bytes = image_bytes(width, height, (resized_h, resized_w))
     reservation.hold("pixels", decode_bytes, f"decoding a {width}x{height} image")
     reservation.hold("tensor", tensor_bytes, f"the engine input of a {width}x{height} image")
-    rgb = await run_in_threadpool(decode_opened, header)
+    reduce_to = (resized_w, resized_h) if settings.decode_jpeg_reduced else None
+    rgb = await run_in_threadpool(decode_opened, header, reduce_to)
     seconds["decode"] = time.perf_counter() - t0
     _check_deadline(deadline, "preprocess")
-    prepared = await _timed(seconds, "preprocess", prepare_image, rgb, spec)
+    prepared = await _timed(seconds, "preprocess", prepare_image, rgb, spec, (height, width))
     del rgb, header
     reservation.release("pixels")
     _check_deadline(deadline, "queue")

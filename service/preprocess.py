@@ -143,12 +143,15 @@ class PreparedImage:
     scale_factor: tuple[float, float]
 
 
-def prepare_image(rgb: np.ndarray, spec: InputSpec) -> PreparedImage:
+def prepare_image(rgb: np.ndarray, spec: InputSpec, orig_hw: tuple[int, int] | None = None) -> PreparedImage:
     """Resize and normalise one image as mmdet's test pipeline does.
 
     Args:
         rgb: uint8 ``[h0, w0, 3]``, RGB.
         spec: the engine's input spec.
+        orig_hw: the image's own ``(h0, w0)`` when ``rgb`` was decoded at a reduced scale (JPEG DCT
+            scaling): the engine input then has the size, and boxes the scale factors, that the
+            full-size image gives; None: ``rgb`` is the full image.
 
     Returns:
         The normalised float32 ``[3, h, w]`` tensor with its geometry. Values are
@@ -164,12 +167,12 @@ def prepare_image(rgb: np.ndarray, spec: InputSpec) -> PreparedImage:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise InvalidImageError(f"image must have shape [h, w, 3] with h, w >= 1, got {list(rgb.shape)}")
     rgb = np.ascontiguousarray(rgb)  # cv2 refuses strided views such as bgr[..., ::-1]
-    h0, w0 = rgb.shape[:2]
+    h0, w0 = orig_hw or rgb.shape[:2]
     h, w = spec.resized_hw((h0, w0))
     if h < 1 or w < 1:
         raise InvalidImageError(f"a {w0}x{h0} image is too elongated: it resizes to {w}x{h} pixels")
     # cv2.resize returns an identical copy for an unchanged size; skipping it saves that copy.
-    resized = rgb if (h, w) == (h0, w0) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    resized = rgb if (h, w) == rgb.shape[:2] else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
     tensor = np.empty((3, h, w), np.float32)
     # Per-plane float32 ops write straight into the CHW output: measured ~8x faster than
     # normalising HWC and transposing, and no intermediate float image is allocated.

@@ -108,9 +108,10 @@ def engine_dir_b2() -> Path:
 @pytest.fixture(scope="session")
 def reference_model(export_dir):
     """The eager PyTorch model the cached export was made from."""
-    from build_tools.pipeline import read_export_info, reload_reference
+    from build_tools.export import read_export_info
+    from build_tools.reference import reference_for_export
 
-    return reload_reference(read_export_info(export_dir)).model
+    return reference_for_export(read_export_info(export_dir)).model
 
 
 def cached_mutable_export(max_batch: int = 4) -> Path:
@@ -144,7 +145,7 @@ def engine_dir_mutable() -> Path:
     return cached_mutable_artifact(max_batch=4)
 
 
-def minimal_manifest(folder: Path, batch_size: int = 1, **changes) -> "Manifest":
+def minimal_manifest(folder: Path, batch_size: int = 1, **changes):
     """A valid manifest of a fixed-batch graph, saved in ``folder`` beside an empty model file:
     for code that reads a manifest without running the model."""
     from service.manifest import Manifest

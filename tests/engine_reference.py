@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from service.backends.base import OUTPUT_NAMES
+
 
 class EngineAsReference:
     """Lets ``verify`` use an engine as the reference, in place of the eager model it calls."""
@@ -13,4 +15,4 @@ class EngineAsReference:
 
     def __call__(self, images: torch.Tensor, image_sizes: torch.Tensor):
         out = self.engine.infer(images.numpy(), image_sizes.numpy())
-        return tuple(torch.from_numpy(out[name]) for name in ("dets", "labels", "masks"))
+        return tuple(torch.from_numpy(out[name]) for name in OUTPUT_NAMES)

@@ -116,3 +116,27 @@ def test_byte_limit():
 def test_bad_images_are_refused(data, message):
     with pytest.raises(InvalidImage, match=message):
         decode(data)
+
+
+def test_a_large_jpeg_decodes_reduced_to_the_same_engine_input_geometry():
+    from service.decode import decode_opened, open_image, upright_size
+    from service.preprocess import InputSpec, prepare_image
+
+    big = np.kron(gradient(300, 400, seed=5), np.ones((10, 10, 1), np.uint8))  # 3000x4000, smooth
+    data = encode(big, "JPEG", quality=95)
+    limits = {"max_bytes": 2**26, "max_pixels": 10**8, "min_side": 8}
+    spec = InputSpec()
+    width, height = upright_size(open_image(data, **limits))
+    h, w = spec.resized_hw((height, width))
+    exact = decode_opened(open_image(data, **limits))
+    reduced = decode_opened(open_image(data, **limits), reduce_to=(w, h))
+    assert exact.shape == (3000, 4000, 3) and reduced.shape == (1500, 2000, 3)  # 1/2: still covers 1067x800
+    full = prepare_image(exact, spec)
+    fast = prepare_image(reduced, spec, orig_hw=(height, width))
+    assert fast.orig_hw == full.orig_hw == (3000, 4000)
+    assert fast.resized_hw == full.resized_hw and fast.scale_factor == full.scale_factor
+    assert np.abs(fast.tensor - full.tensor).mean() < 0.05  # normalised units: pixels barely differ
+    # PNG (no DCT scaling) and small JPEGs decode in full whatever is asked
+    assert decode_opened(open_image(encode(big, "PNG"), **limits), reduce_to=(w, h)).shape == (3000, 4000, 3)
+    small = encode(gradient(800, 1000, seed=1), "JPEG")
+    assert decode_opened(open_image(small, **limits), reduce_to=(w, h)).shape == (800, 1000, 3)
