@@ -12,24 +12,17 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
+from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, resolve_backend
 from build_tools.checkpoint import KNOWN_CHECKPOINTS, CheckpointError
+from build_tools.errors import BuildError
 from build_tools.export import ExportError
-from build_tools.pipeline import (
-    AUTO_BACKEND,
-    BACKEND_CHOICE,
-    BuildError,
-    compile_step,
-    export_step,
-    input_spec_of,
-    reload_reference,
-    resolve_backend,
-    sample_photographs,
-)
-from build_tools.verify import Tolerance, check_tolerance, list_images, verify
-from service.backends import BackendUnavailable, backend_names, canonical_precision, load_engine
-from service.backends.base import PRECISION_ALIASES, UnsupportedPrecision
+from build_tools.pipeline import compile_step, export_step
+from build_tools.verify import Tolerance, verify_artifact
+from service.backends import BackendUnavailable, backend_names, canonical_precision
+from service.backends.base import PRECISION_ALIASES, BuildFailed, UnsupportedPrecision
 from service.manifest import Manifest, ManifestError
 
 
@@ -64,6 +57,9 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-count", type=int, default=16, help="calibration images to use (default 16)")
     _add_verify_args(p)
     p.add_argument("--no-verify", action="store_true", help="skip the parity check against eager PyTorch")
+    p.add_argument("--tensorrt-timing-cache", metavar="PATH", default=None,
+                   help="tensorrt: a timing cache shared between builds, read when present and rewritten after "
+                        "each build (kernel timing is most of a build's time)")
     p.add_argument("--allow-parity-failure", action="store_true", help="emit the engine even if it misses its tolerance")
 
 
@@ -94,9 +90,8 @@ def _add_verify_args(p: argparse.ArgumentParser) -> None:
 
 
 def _tolerance(args: argparse.Namespace, precision: str) -> Tolerance:
-    base = Tolerance.for_precision(precision)
     changes = {k: v for k, v in (("min_box_ap", args.min_box_ap), ("min_mask_ap", args.min_mask_ap)) if v is not None}
-    return Tolerance(**{**base.__dict__, **changes})
+    return replace(Tolerance.for_precision(precision), **changes)
 
 
 def _export(args: argparse.Namespace, out: Path) -> Path:
@@ -127,23 +122,36 @@ def _compile(args: argparse.Namespace, export_dir: Path, precision: str, out: Pa
         allow_parity_failure=args.allow_parity_failure,
         threads=args.threads,
         choice_table=args.backend_choice,
+        backend_options=_backend_options(args),
     )
+
+
+def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
+    """The build options of each backend given on the command line, by backend name."""
+    options: dict[str, dict] = {}
+    if args.tensorrt_timing_cache:
+        options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
+    return options
 
 
 def _summary(manifest: Manifest, out: str | Path) -> str:
     lines = [f"engine artifact: {out}", f"  backend {manifest.backend}, precision {manifest.precision}, "
-             f"batch {manifest.shape_profile['batch']}, origin {manifest.origin}"]
-    choice = manifest.tools.get("backend_choice")
+             f"batch {manifest.shape_profile.batch.model_dump(exclude_none=True)}, origin {manifest.origin}"]
+    choice = manifest.tools.backend_choice
     if choice:
         lines.append(f"  backend auto -> {choice['chosen']}: {choice['why']}")
     if manifest.parity:
         p = manifest.parity
         lines.append(
-            f"  parity vs eager: box match {p['box_match_rate']:.4f}, labels {p['label_agreement']:.4f}, "
-            f"mask IoU {p['mask_iou_mean']:.4f}, box AP {p['box_ap']:.4f}, mask AP {p['mask_ap']:.4f} "
-            f"({'passed' if p['passed'] else 'FAILED: ' + '; '.join(p['failures'])})"
+            f"  parity vs eager: box match {p.box_match_rate:.4f}, labels {p.label_agreement:.4f}, "
+            f"mask IoU {p.mask_iou_mean:.4f}, box AP {_fraction(p.box_ap)}, mask AP {_fraction(p.mask_ap)} "
+            f"({'passed' if p.passed else 'FAILED: ' + '; '.join(p.failures)})"
         )
     return "\n".join(lines)
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _points(value: float | None) -> str:
@@ -153,21 +161,21 @@ def _points(value: float | None) -> str:
 def _report_facts(manifest: Manifest | None) -> dict | None:
     """AP deltas and times of a built artifact's verify report (None when it was not verified)."""
     p = manifest.parity if manifest is not None else None
-    if not p or "timing" not in p:
+    if p is None:
         return None
-    t, d = p["timing"], p.get("ap_delta_points") or {}
-    return {"box": d.get("box"), "mask": d.get("mask"), "engine": t["engine_s_per_image"],
-            "eager": t["eager_s_per_image"], "speedup": t["eager_s_per_image"] / max(t["engine_s_per_image"], 1e-12),
-            "passed": p.get("passed", True)}
+    t = p.timing
+    return {"box": p.ap_delta_points.box, "mask": p.ap_delta_points.mask, "engine": t.engine_s_per_image,
+            "eager": t.eager_s_per_image, "speedup": t.eager_s_per_image / max(t.engine_s_per_image, 1e-12),
+            "passed": p.passed}
 
 
 def _report_header(manifests: list[Manifest | None]) -> str:
-    timed = [m.parity["timing"] for m in manifests if m is not None and m.parity and "timing" in m.parity]
+    timed = [m.parity.timing for m in manifests if m is not None and m.parity is not None]
     if not timed:
         return "precision report: not verified (--no-verify), so no AP delta and no timing"
     t = timed[0]
-    return (f"precision report (timing from verify: median s/image over only {t['images']} verify image(s), so "
-            f"indicative; engine = infer only, eager PyTorch with {t['threads']} threads = engine threads; "
+    return (f"precision report (timing from verify: median s/image over only {t.images} verify image(s), so "
+            f"indicative; engine = infer only, eager PyTorch with {t.threads} threads = engine threads; "
             f"scripts/bench/build.py times a fixed 800x1333 input)\n"
             f"  AP delta = AP points lost against eager PyTorch fp32: 100 x (1 - AP) of the engine's detections "
             f"scored against the reference's own (not ground truth: every reshuffled low-score detection counts, "
@@ -216,7 +224,7 @@ def _build(args: argparse.Namespace, export_dir: Path) -> int:
             how = f" (--backend auto: {choice['why']})" if choice else ""
             print(f"compiling for {backend} {precision}{how} -> {out} ...", file=sys.stderr)
             manifest = _compile(args, export_dir, precision, out)
-        except (BuildError, BackendUnavailable, UnsupportedPrecision, FileNotFoundError) as exc:
+        except (BuildError, BackendUnavailable, BuildFailed, UnsupportedPrecision, FileNotFoundError) as exc:
             if not several:
                 raise
             print(f"maskrcnn-build: error: {backend} {precision}: {exc}", file=sys.stderr)
@@ -254,20 +262,13 @@ def cmd_all(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.engine)
-    info = {"checkpoint": manifest.checkpoint, "inference_config": manifest.inference_config}
-    reference = reload_reference(info)
-    engine = load_engine(args.engine, threads=args.threads)
-    paths = list_images(args.verify_images, args.verify_count) if args.verify_images else sample_photographs(args.verify_count)
-    report = verify(reference.model, engine, paths, input_spec_of(manifest.inference_config),
-                    mask_threshold=manifest.postprocess["mask_threshold"])
-    tolerance = _tolerance(args, manifest.precision)
-    failures = check_tolerance(report, tolerance)
-    report.update(tolerance=tolerance.__dict__, passed=not failures, failures=failures)
+    report = verify_artifact(args.engine, manifest, images=args.verify_images, count=args.verify_count,
+                             tolerance=_tolerance(args, manifest.precision), threads=args.threads)
     if args.update_manifest:
         manifest.parity = report
         manifest.save(args.engine)
-    print(json.dumps(report, indent=2))
-    return 0 if not failures else 1
+    print(json.dumps(report.model_dump(mode="json"), indent=2))
+    return 0 if report.passed else 1
 
 
 def parser() -> argparse.ArgumentParser:
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BuildError, CheckpointError, ExportError, BackendUnavailable, UnsupportedPrecision,
+    except (BuildError, CheckpointError, ExportError, BackendUnavailable, BuildFailed, UnsupportedPrecision,
             ManifestError, FileNotFoundError) as exc:
         print(f"maskrcnn-build: error: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from build_tools.errors import BuildError
 from build_tools.model import InferenceConfig, MaskRCNN
 from service.backends.base import INPUT_NAMES, OUTPUT_NAMES
-from service.manifest import CheckpointInfo
+from service.manifest import CheckpointInfo, ClassEntry
 
 OPSET = 17
 MASK_SIZE = 28
@@ -37,7 +37,8 @@ class ExportInfo(BaseModel):
 
     Attributes:
         checkpoint: the weights (file and sha256, or the random-init seed).
-        inference_config: the test settings traced into the graph.
+        inference_config: the test settings and architecture traced into the graph.
+        classes: the class table of its output labels (names and category ids; the manifest's).
         batch_size: the graph's fixed batch, or the largest batch of a mutable one.
         shape_mutable: the batch axis is dynamic (1..``batch_size``).
         opset: ONNX opset of the graph.
@@ -49,6 +50,7 @@ class ExportInfo(BaseModel):
 
     checkpoint: CheckpointInfo
     inference_config: InferenceConfig
+    classes: list[ClassEntry]
     batch_size: int
     shape_mutable: bool = False
     opset: int

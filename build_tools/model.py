@@ -1,16 +1,20 @@
-"""Mask R-CNN R50-FPN built from torchvision's detection modules, configured per checkpoint origin.
+"""Mask R-CNN with a ResNet/ResNeXt-FPN backbone, built from torchvision's detection modules and
+configured per checkpoint origin.
 
 One implementation serves both checkpoint families. ``InferenceConfig.for_origin`` gives the test
 settings the weights were trained with (mmdet's or torchvision's); the differences are confined to
 three small pieces named after what they do: the anchor generator, the RoIAlign flavour, and the
-RoI level mapping.
+RoI level mapping. The backbone is torchvision's ``ResNet(Bottleneck, ...)`` with the depth, groups
+and width per group the config records (R-50, R-101, X-101 32x4d / 64x4d), in pytorch style
+(stride on the 3x3 conv) or caffe style (stride on the first 1x1 conv). The class count and the
+label -> class mapping are the config's too (``build_tools.classes.label_layout``).
 
 ``MaskRCNN.forward(images, image_sizes)`` is the exported graph and the eager reference at once:
 
 - ``images``: float32 ``[B, 3, H, W]``, normalised RGB, padded (see ``service.preprocess``).
 - ``image_sizes``: int64 ``[B, 2]``, ``(h, w)`` of each image's valid region; boxes are clipped to it.
 - returns ``dets`` float32 ``[B, N, 5]`` (x1, y1, x2, y2, score in input pixels), ``labels`` int64
-  ``[B, N]`` (class index 0..79, -1 for padding) and ``masks`` float32 ``[B, N, 28, 28]`` (mask
+  ``[B, N]`` (class index 0..C-1 of the manifest's class table, -1 for padding) and ``masks`` float32 ``[B, N, 28, 28]`` (mask
   probability of the predicted class, in the box frame), N = ``detections_per_img``, rows sorted by
   score, padding rows all zero with label -1.
 
@@ -31,41 +35,63 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import TypeAdapter
 from torch import Tensor, nn
-from torchvision.models import resnet50
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, batched_nms, nms, roi_align
+from torchvision.models.detection.rpn import (
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.ops import (
+    FrozenBatchNorm2d,
+    MultiScaleRoIAlign,
+    batched_nms,
+    nms,
+    roi_align,
+)
 from torchvision.ops.poolers import _convert_to_roi_format
 
-from service.manifest import COCO_CATEGORY_IDS
+from build_tools.classes import label_layout
 from service.preprocess import InputSpec
 
 Origin = Literal["mmdet", "torchvision"]
+Style = Literal["pytorch", "caffe"]
 
-# torchvision's detection checkpoints index classes by raw COCO category id (0 = background);
-# mmdet's use 0..79 in COCO order with background last. Internally we always put background at 0.
-TORCHVISION_NUM_CLASSES = 91
-MMDET_NUM_CLASSES = 81
+# Bottleneck blocks per stage (layer1..layer4) of each ResNet depth the model builds.
+RESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# mmdet's caffe-style preprocessing: BGR with mean (103.53, 116.28, 123.675) and std 1. The host
+# feeds RGB, so the first conv's input channels are reversed when such weights load, and mean/std
+# are the same numbers in RGB order.
+CAFFE_MEAN_RGB = (123.675, 116.28, 103.53)
+CAFFE_STD = (1.0, 1.0, 1.0)
 
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Test-time settings of one checkpoint origin. Every field is recorded in the manifest."""
+    """Test-time settings and architecture of one checkpoint. Every field is recorded in the manifest.
+
+    Internally background is label 0 (mmdet's files put it last; the loader moves it). The backbone
+    is ``ResNet(Bottleneck, RESNET_LAYERS[depth], groups=groups, width_per_group=width_per_group)``:
+    R-50/R-101 are groups 1 x width 64, ResNeXt-101 32x4d is 32 x 4, 64x4d is 64 x 4.
+    """
 
     origin: Origin
-    num_classes: int  # including background at index 0
-    # output class index (0..79, COCO order) of each internal label; -1 for background / unused ids
+    num_classes: int  # head outputs, including background at index 0
+    # output class index (0..C-1, the manifest's class table) of each internal label; -1 for
+    # background and unused slots (torchvision's 11 unused COCO ids)
     label_to_class: tuple[int, ...]
     roi_aligned: bool
     roi_sampling_ratio: int
@@ -84,28 +110,42 @@ class InferenceConfig:
     detections_per_img: int = 100
     box_min_size: float = 0.0  # detections need w >= min and h >= min (torchvision: 1e-2)
     mask_threshold: float = 0.5
+    depth: int = 50  # ResNet depth: a key of RESNET_LAYERS
+    groups: int = 1  # conv2 groups of every bottleneck (ResNeXt cardinality)
+    width_per_group: int = 64  # conv2 channels per group in layer1 (doubling per stage)
+    style: Style = "pytorch"  # "caffe": stride on the first 1x1 conv of a stage (mmdet's caffe ResNet)
     notes: tuple[str, ...] = field(default=())
 
     @staticmethod
-    def for_origin(origin: str) -> "InferenceConfig":
+    def for_origin(origin: str, style: str = "pytorch") -> InferenceConfig:
+        """``origin``'s test settings for a COCO head on R-50 (``with_overrides`` changes them);
+        ``style="caffe"`` (mmdet only) takes caffe-style preprocessing (mean in RGB order, std 1)."""
+        if style not in ("pytorch", "caffe"):
+            raise ValueError(f"unknown ResNet style {style!r}; expected 'pytorch' or 'caffe'")
+        if style == "caffe" and origin != "mmdet":
+            raise ValueError("caffe-style ResNet exists only in mmdet checkpoints")
+        layout = label_layout(origin, None)
         if origin == "mmdet":
+            caffe = style == "caffe"
             return InferenceConfig(
                 origin="mmdet",
-                num_classes=MMDET_NUM_CLASSES,
-                label_to_class=(-1, *range(80)),
+                num_classes=layout.num_classes,
+                label_to_class=layout.label_to_class,
                 roi_aligned=True,
                 roi_sampling_ratio=0,
                 anchor_style="mmdet",
                 bn_eps=1e-5,
-                mean=(123.675, 116.28, 103.53),
-                std=(58.395, 57.12, 57.375),
+                mean=CAFFE_MEAN_RGB if caffe else (123.675, 116.28, 103.53),
+                std=CAFFE_STD if caffe else (58.395, 57.12, 57.375),
+                style=style,
+                notes=("Caffe-style weights take BGR input in mmdet; here the first conv's input channels "
+                       "are reversed at load, so the host feeds RGB (same arithmetic).",) if caffe else (),
             )
         if origin == "torchvision":
-            class_of_id = {cid: i for i, cid in enumerate(COCO_CATEGORY_IDS)}
             return InferenceConfig(
                 origin="torchvision",
-                num_classes=TORCHVISION_NUM_CLASSES,
-                label_to_class=tuple(class_of_id.get(i, -1) if i else -1 for i in range(91)),
+                num_classes=layout.num_classes,
+                label_to_class=layout.label_to_class,
                 roi_aligned=False,
                 roi_sampling_ratio=2,
                 anchor_style="torchvision",
@@ -117,15 +157,21 @@ class InferenceConfig:
                 notes=(
                     "Host resize uses cv2 bilinear on uint8 before normalisation; torchvision "
                     "resizes the normalised float tensor (torch bilinear).",
-                    "Detections of torchvision's 11 unused category ids are dropped.",
+                    "Detections of unused label slots (torchvision's 11 unused COCO category ids) are dropped.",
                     "Masks are pasted the mmdet way (grid-sample bilinear), not torchvision's "
                     "expand-and-resize.",
                 ),
             )
         raise ValueError(f"unknown checkpoint origin {origin!r}; expected 'mmdet' or 'torchvision'")
 
-    def with_overrides(self, **changes) -> "InferenceConfig":
+    def with_overrides(self, **changes) -> InferenceConfig:
         return replace(self, **changes)
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> InferenceConfig:
+        """The config a manifest's ``inference_config`` (or ``export.json``) records, validated
+        (JSON lists back to tuples; fields older records lack take their defaults)."""
+        return TypeAdapter(InferenceConfig).validate_python(dict(record))
 
     def input_spec(self) -> InputSpec:
         """The host preprocessing these settings expect (mean/std in RGB uint8 units, keep-ratio
@@ -447,7 +493,7 @@ class DetectionHeads(RoIHeads):
 
 
 class MaskRCNN(nn.Module):
-    """ResNet-50-FPN Mask R-CNN; see the module docstring for the forward contract."""
+    """ResNet/ResNeXt-FPN Mask R-CNN of ``config``; see the module docstring for the forward contract."""
 
     def __init__(self, config: InferenceConfig, norm_layer: type[nn.Module] | None = None):
         super().__init__()
@@ -455,8 +501,7 @@ class MaskRCNN(nn.Module):
         if norm_layer is None:
             def norm_layer(channels):
                 return FrozenBatchNorm2d(channels, eps=config.bn_eps)
-        body = resnet50(weights=None, norm_layer=norm_layer)
-        self.backbone = _resnet_fpn_extractor(body, trainable_layers=5)
+        self.backbone = _resnet_fpn_extractor(resnet_body(config, norm_layer), trainable_layers=5)
 
         sizes = ((32,), (64,), (128,), (256,), (512,))
         ratios = ((0.5, 1.0, 2.0),) * 5
@@ -497,7 +542,7 @@ class MaskRCNN(nn.Module):
             label_to_class=config.label_to_class,
         )
 
-    def features(self, images: Tensor) -> "OrderedDict[str, Tensor]":
+    def features(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.backbone(images)
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -507,14 +552,28 @@ class MaskRCNN(nn.Module):
                                             self.rpn.post_nms_top_n())
 
 
-def build_model(origin: str, **overrides) -> MaskRCNN:
-    """A model in eval mode with the test settings of ``origin`` (weights uninitialised/random)."""
-    config = InferenceConfig.for_origin(origin).with_overrides(**overrides)
-    return MaskRCNN(config).eval()
+def resnet_body(config: InferenceConfig, norm_layer) -> ResNet:
+    """torchvision's ResNet of ``config``'s depth, groups and width per group; in caffe style the
+    stride of each stage's first block moves from its 3x3 conv to its first 1x1 conv."""
+    if config.depth not in RESNET_LAYERS:
+        raise ValueError(f"no ResNet of depth {config.depth}; known depths: {', '.join(map(str, RESNET_LAYERS))}")
+    body = ResNet(Bottleneck, list(RESNET_LAYERS[config.depth]), groups=config.groups,
+                  width_per_group=config.width_per_group, norm_layer=norm_layer)
+    if config.style == "caffe":
+        for stage in (body.layer2, body.layer3, body.layer4):
+            first = stage[0]
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, first.conv1.stride
+    return body
+
+
+def build_model(origin: str, style: str = "pytorch", **overrides) -> MaskRCNN:
+    """A model in eval mode with the test settings of ``origin`` in ``style`` and ``overrides``
+    (``InferenceConfig`` fields), weights uninitialised."""
+    return MaskRCNN(InferenceConfig.for_origin(origin, style).with_overrides(**overrides)).eval()
 
 
 def init_random_(model: MaskRCNN, seed: int) -> MaskRCNN:
-    """Deterministic random weights whose activations stay in a sane range through 50 layers.
+    """Deterministic random weights whose activations stay in a sane range through 50-101 layers.
 
     Frozen BN statistics are set so each BN is roughly identity-scaled; with default conv init the
     detector then produces a spread of scores and boxes, which is what export/parity tests need.

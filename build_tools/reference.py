@@ -8,7 +8,7 @@ checkpoint file that changed since), for verify, the benchmarks and the perf too
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -18,9 +18,9 @@ import torch
 from build_tools.checkpoint import LoadedCheckpoint, load_checkpoint
 from build_tools.errors import BuildError
 from build_tools.export import ExportInfo
-from build_tools.model import MaskRCNN
+from build_tools.model import InferenceConfig, MaskRCNN
 from service.backends.base import OUTPUT_NAMES
-from service.manifest import CheckpointInfo, Manifest
+from service.manifest import CheckpointInfo, ClassEntry, Manifest
 
 Infer = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
@@ -28,21 +28,25 @@ Infer = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 def eager_reference(
     checkpoint: CheckpointInfo,
     inference_config: Mapping[str, Any],
+    classes: Sequence[ClassEntry],
     *,
     score_threshold: float | None = None,
 ) -> LoadedCheckpoint:
-    """The eager model of ``checkpoint`` with the recorded ``inference_config`` (the fields of
-    ``build_tools.model.InferenceConfig``; ``score_threshold`` replaces its ``score_thresh``).
+    """The eager model of ``checkpoint`` with exactly the recorded ``inference_config`` (the fields
+    of ``build_tools.model.InferenceConfig``: architecture, label layout, test settings;
+    ``score_threshold`` replaces its ``score_thresh``), its output classes named by ``classes``.
 
     Raises:
         BuildError: the checkpoint file changed since it was recorded (another sha256).
-        CheckpointError: the checkpoint cannot be read.
+        CheckpointError: the checkpoint cannot be read or does not fit the recorded config.
     """
-    overrides = {"score_thresh": inference_config["score_thresh"] if score_threshold is None else score_threshold}
+    config = InferenceConfig.from_record(inference_config)
+    if score_threshold is not None:
+        config = config.with_overrides(score_thresh=score_threshold)
+    names = [c.name for c in sorted(classes, key=lambda c: c.index)]
     if checkpoint.format == "random-init":
-        return load_checkpoint(None, random_init_seed=checkpoint.random_init_seed,
-                               origin=inference_config["origin"], **overrides)
-    loaded = load_checkpoint(checkpoint.source, checkpoint.format, **overrides)
+        return load_checkpoint(None, random_init_seed=checkpoint.random_init_seed, config=config, class_names=names)
+    loaded = load_checkpoint(checkpoint.source, checkpoint.format, config=config, class_names=names)
     if loaded.sha256 != checkpoint.sha256:
         raise BuildError(f"checkpoint {checkpoint.source} changed since export (sha256 {loaded.sha256} != {checkpoint.sha256})")
     return loaded
@@ -50,12 +54,13 @@ def eager_reference(
 
 def reference_for_manifest(manifest: Manifest, score_threshold: float | None = None) -> LoadedCheckpoint:
     """The eager model an engine artifact was built from (see :func:`eager_reference`)."""
-    return eager_reference(manifest.checkpoint, manifest.inference_config, score_threshold=score_threshold)
+    return eager_reference(manifest.checkpoint, manifest.inference_config, manifest.classes,
+                           score_threshold=score_threshold)
 
 
 def reference_for_export(info: ExportInfo) -> LoadedCheckpoint:
     """The eager model that produced an export folder (see :func:`eager_reference`)."""
-    return eager_reference(info.checkpoint, asdict(info.inference_config))
+    return eager_reference(info.checkpoint, asdict(info.inference_config), info.classes)
 
 
 def run_eager(model: MaskRCNN, images: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:

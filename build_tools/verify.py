@@ -27,23 +27,29 @@ import io
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
+from build_tools.coco_eval import evaluate
+from build_tools.images import list_images, read_rgb, sample_photographs
 from build_tools.model import MaskRCNN
-from service.backends import Engine
+from build_tools.reference import (
+    Infer,
+    eager_infer,
+    reference_for_manifest,
+    torch_threads,
+)
+from service.backends import Engine, load_engine
+from service.backends.base import cpu_cores
+from service.manifest import Manifest, ParityReport
 from service.postprocess import ImageDetections, postprocess_image
 from service.preprocess import InputSpec, PreparedImage, pad_batch, prepare_image
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class Tolerance:
     min_mask_ap: float
 
     @staticmethod
-    def for_precision(precision: str) -> "Tolerance":
+    def for_precision(precision: str) -> Tolerance:
         if precision == "fp32":
             return Tolerance(0.99, 0.99, 0.95, 0.95, 0.95)
         # int8 / fp16 / bf16, scored against the fp32 reference's own detections (every reshuffled
@@ -68,38 +74,12 @@ class Tolerance:
         return Tolerance(0.0, 0.0, 0.0, 0.5, 0.45)
 
 
-def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return paths[:limit] if limit else paths
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """RGB uint8 [h, w, 3] of an image file."""
-    import cv2
-
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot decode image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def batches(prepared: Sequence[PreparedImage], batch_size: int, divisor: int):
     """Yield (slice of prepared images, images [B,3,H,W], image_sizes [B,2]) with B = batch_size."""
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start:start + batch_size]
         images, sizes = pad_batch(chunk, divisor, batch_size=batch_size)
         yield chunk, images, sizes
-
-
-def run_eager(model: MaskRCNN, images: np.ndarray, sizes: np.ndarray) -> dict[str, np.ndarray]:
-    with torch.no_grad():
-        dets, labels, masks = model(torch.from_numpy(images), torch.from_numpy(sizes))
-    return {"dets": dets.numpy(), "labels": labels.numpy(), "masks": masks.numpy()}
 
 
 def to_detections(outputs: dict[str, np.ndarray], i: int, item: PreparedImage, mask_threshold: float) -> ImageDetections:
@@ -152,7 +132,9 @@ def compare_image(ref: ImageDetections, eng: ImageDetections, match_iou: float =
 
 
 def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections]) -> dict[str, float]:
-    """COCO AP / AP50 of the engine's detections with the reference's detections as ground truth."""
+    """COCO AP / AP50 (``box_ap``, ``box_ap50``, ``mask_ap``, ``mask_ap50``, in [0, 1]) of the engine's
+    detections with the reference's detections as ground truth, scored by ``build_tools.coco_eval``;
+    NaN when the reference made no detections."""
     images, annotations, results = [], [], []
     categories = sorted({int(c) for d in refs for c in d.labels} | {int(c) for d in engs for c in d.labels})
     for image_id, (ref, eng) in enumerate(zip(refs, engs), start=1):
@@ -171,49 +153,18 @@ def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections
                             "score": float(score), "segmentation": rle})
     if not annotations:
         return {"box_ap": float("nan"), "box_ap50": float("nan"), "mask_ap": float("nan"), "mask_ap50": float("nan")}
-    out = {}
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in categories]}
         gt.createIndex()
-        dt = gt.loadRes(results) if results else None
-        for iou_type, key in (("bbox", "box"), ("segm", "mask")):
-            if dt is None:
-                out[f"{key}_ap"], out[f"{key}_ap50"] = 0.0, 0.0
-                continue
-            evaluator = COCOeval(gt, dt, iou_type)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-            out[f"{key}_ap"], out[f"{key}_ap50"] = float(evaluator.stats[0]), float(evaluator.stats[1])
-    return out
-
-
-Infer = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
-
-
-def eager_infer(model: MaskRCNN) -> Infer:
-    """``model`` behind the engine's ``infer`` signature."""
-    return lambda images, sizes: run_eager(model, images, sizes)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None):
-    """Run torch with ``threads`` intra-op threads inside the block (unchanged when None)."""
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    scores = evaluate(gt, results)
+    return {f"{key}_{stat.lower()}": scores[iou_type][stat]
+            for iou_type, key in (("bbox", "box"), ("segm", "mask")) for stat in ("AP", "AP50")}
 
 
 def engine_threads(engine: Engine, threads: int | None = None) -> int:
     """The threads an engine computes with: the requested number, the engine's own, or all cores."""
-    from service.backends.onnxruntime import default_threads
-
-    return int(threads or getattr(engine, "threads", None) or default_threads())
+    return int(threads or engine.threads or cpu_cores())
 
 
 def run_detections(
@@ -344,5 +295,36 @@ def check_tolerance(report: dict, tolerance: Tolerance) -> list[str]:
     return [f"{name} {report[name]:.4f} < {minimum}" for name, minimum in checks if not report[name] >= minimum]
 
 
-def tolerance_dict(tolerance: Tolerance) -> dict:
-    return asdict(tolerance)
+def verify_artifact(
+    artifact_dir: str | Path,
+    manifest: Manifest,
+    *,
+    images: str | Path | None = None,
+    count: int | None = None,
+    tolerance: Tolerance | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> ParityReport:
+    """The parity report of the artifact in ``artifact_dir`` against its eager reference.
+
+    Args:
+        artifact_dir: the artifact folder (its engine is loaded from there).
+        manifest: its manifest (checkpoint, inference config, input spec, mask threshold).
+        images: folder of verify images; None for scikit-image's sample photographs.
+        count: use at most this many images.
+        tolerance: pass criteria; None for the precision's (:meth:`Tolerance.for_precision`).
+        threads: engine threads (and eager PyTorch's); None for the engine's default.
+        progress: show a progress bar.
+
+    Raises:
+        BuildError: the reference cannot be rebuilt (checkpoint changed) or no sample photos.
+        FileNotFoundError: ``images`` is not a folder of images.
+    """
+    paths = list_images(images, count) if images else sample_photographs(count)
+    reference = reference_for_manifest(manifest)
+    engine = load_engine(artifact_dir, threads=threads)
+    report = verify(reference.model, engine, paths, manifest.input.spec,
+                    mask_threshold=manifest.postprocess.mask_threshold, progress=progress, threads=threads)
+    tolerance = tolerance or Tolerance.for_precision(manifest.precision)
+    failures = check_tolerance(report, tolerance)
+    return ParityReport(**report, tolerance=asdict(tolerance), passed=not failures, failures=failures)

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from build_tools import cli
+from build_tools.errors import BuildError
 from build_tools.export import ExportError, export_onnx
-from build_tools.pipeline import BuildError, compile_step, input_spec_of
-from build_tools.verify import Tolerance, check_tolerance, list_images, verify
+from build_tools.images import list_images, read_rgb
+from build_tools.pipeline import calibration_feeds, compile_step
+from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import canonical_precision, load_engine
 from service.backends.base import UnsupportedPrecision
 from service.manifest import COCO_CATEGORY_IDS, Manifest, ManifestError
@@ -23,7 +25,7 @@ from service.manifest import COCO_CATEGORY_IDS, Manifest, ManifestError
 def test_fp32_engine_matches_eager_on_photographs_of_several_sizes(engine_dir, reference_model, photos):
     engine = load_engine(engine_dir)
     paths = list_images(photos)
-    spec = input_spec_of(engine.manifest.inference_config)
+    spec = engine.manifest.input.spec
     sizes = {spec.resized_hw(read_hw(p)) for p in paths}
     assert len(sizes) >= 4, sizes  # several distinct input shapes through the dynamic H/W graph
 
@@ -39,8 +41,6 @@ def test_fp32_engine_matches_eager_on_photographs_of_several_sizes(engine_dir, r
 
 
 def read_hw(path) -> tuple[int, int]:
-    from build_tools.verify import read_rgb
-
     h, w = read_rgb(path).shape[:2]
     return h, w
 
@@ -49,16 +49,14 @@ def test_fixed_batch_of_two_matches_eager_batch(engine_dir_b2, reference_model, 
     engine = load_engine(engine_dir_b2)
     assert engine.batch_size == 2
     paths = list_images(photos)[:2]  # two different sizes padded into one batch
-    report = verify(reference_model, engine, paths, input_spec_of(engine.manifest.inference_config), progress=False)
+    report = verify(reference_model, engine, paths, engine.manifest.input.spec, progress=False)
     assert report["reference_detections"] == 200
     assert report["box_match_rate"] >= 0.99 and report["label_agreement"] >= 0.99
 
 
 def test_outputs_follow_the_padding_contract(engine_dir, photos):
-    from build_tools.pipeline import calibration_feeds
-
     engine = load_engine(engine_dir)
-    spec = input_spec_of(engine.manifest.inference_config)
+    spec = engine.manifest.input.spec
     feed = next(calibration_feeds(list_images(photos)[:1], spec, 1))
     out = engine.infer(feed["images"], feed["image_sizes"])
     assert out["dets"].shape == (1, 100, 5) and out["dets"].dtype == np.float32
@@ -78,15 +76,15 @@ def test_manifest_records_the_contract(engine_dir):
     assert manifest.format_version == 1
     assert (manifest.backend, manifest.precision) == ("onnxruntime", "fp32")
     assert manifest.batch_size == 1
-    assert [c["id"] for c in manifest.classes] == list(COCO_CATEGORY_IDS)
-    assert manifest.classes[0]["name"] == "person" and manifest.classes[79]["name"] == "toothbrush"
-    assert manifest.input["mean"] == [123.675, 116.28, 103.53]
-    assert manifest.input["names"] == ["images", "image_sizes"]
+    assert [c.id for c in manifest.classes] == list(COCO_CATEGORY_IDS)
+    assert manifest.classes[0].name == "person" and manifest.classes[79].name == "toothbrush"
+    assert manifest.input.mean == (123.675, 116.28, 103.53)
+    assert manifest.input.names == ("images", "image_sizes")
     assert manifest.inference_config["roi_aligned"] is True
     assert manifest.inference_config["roi_sampling_ratio"] == 0
-    assert manifest.checkpoint["format"] == "random-init"
-    assert {"torch", "onnxruntime", "onnx", "opset"} <= set(manifest.tools)
-    assert manifest.parity["passed"] is True and manifest.parity["box_match_rate"] >= 0.99
+    assert manifest.checkpoint.format == "random-init"
+    assert {"torch", "onnxruntime", "onnx", "opset"} <= set(manifest.to_dict()["tools"])
+    assert manifest.parity.passed is True and manifest.parity.box_match_rate >= 0.99
     assert manifest.calibration is None
     json.dumps(manifest.to_dict())
 
@@ -96,15 +94,15 @@ def test_int8_engine_is_calibrated_on_real_images_and_recorded(export_dir, photo
                             calib_images=photos, calib_count=2, verify_images=photos, verify_count=1,
                             allow_parity_failure=True, progress=False)
     assert manifest.precision == "int8"
-    assert manifest.calibration["images"] == 2 and len(manifest.calibration["sha256"]) == 64
-    assert manifest.tools["backend"]["graph"] == "static QDQ int8"
+    assert manifest.calibration.images == 2 and len(manifest.calibration.sha256) == 64
+    assert manifest.tools.backend["graph"] == "static QDQ int8"
     engine = load_engine(tmp_path / "int8")
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / manifest.model_file)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     # random weights make int8 fidelity meaningless; the report must still be there and honest
-    assert manifest.parity["reference_detections"] == 100
+    assert manifest.parity.reference_detections == 100
     assert engine.batch_size == 1
 
 

@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from mmdet_reference import MMDetReference, ReferenceRun, unavailable_reason
 from pycocotools import mask as coco_mask
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from build_tools.checkpoint import load_checkpoint, save_mmdet_checkpoint
 from build_tools.model import build_model, init_random_
-from mmdet_reference import MMDetReference, ReferenceRun, unavailable_reason
 from service.postprocess import ImageDetections, postprocess_image
 from service.preprocess import InputSpec, pad_batch, prepare_image
 

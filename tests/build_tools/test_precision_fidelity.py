@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CACHE, ROOT, _build_into, _key
-from scripts.bench.build import AP_BOUNDS
+
+from build_tools.backend_choice import AP_BOUNDS
 from service.backends import get_backend
 
 DEMO = Path(os.environ.get("MASKRCNN_DEMO_CHECKPOINT", ROOT / ".cache/demo/demo_mask_rcnn.pth"))
@@ -44,23 +46,24 @@ def _usable(backend: str, precision: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    """One bench_build run: eager fp32 and every case on the first GT_IMAGES demo val images."""
+    """One ``scripts.bench.build`` run (a subprocess: benchmarks are leaves): eager fp32 and every
+    case on the first GT_IMAGES demo val images."""
     from build_tools.checkpoint import sha256_of
     from build_tools.pipeline import export_step
-    from scripts.bench import build as bench_build
 
     export = CACHE / f"demo-export-b1-{sha256_of(DEMO)[:12]}-{_key(demo=True)}"
     if not (export / "export.json").is_file():
         _build_into(export, lambda tmp: export_step(tmp, str(DEMO)))
     cases = [c for c in CASES if _usable(*c) is None]
     out = tmp_path_factory.mktemp("fidelity") / "rows.json"
-    code = bench_build.main([
+    bench = subprocess.run([
+        sys.executable, "-m", "scripts.bench.build",
         "--export", str(export), "--backends", ",".join(dict.fromkeys(b for b, _ in cases)),
         "--precisions", ",".join(dict.fromkeys(p for _, p in cases)), "--calib-images", str(DATA / "train"),
         "--artifacts", str(CACHE / "demo-artifacts"), "--gt-data", str(DATA), "--gt-limit", str(GT_IMAGES),
         "--iterations", "1", "--warmup", "0", "--no-stock", "--json", str(out),
-    ])
-    assert code == 0
+    ], cwd=ROOT, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr[-3000:]
     return {(r["backend"], r["precision"]): r for r in json.loads(out.read_text())}
 
 

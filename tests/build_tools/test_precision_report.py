@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT
 
 from build_tools import cli
-from build_tools.pipeline import BACKEND_CHOICE, BuildError, compile_step, resolve_backend
+from build_tools.backend_choice import BACKEND_CHOICE, resolve_backend
+from build_tools.errors import BuildError
+from build_tools.pipeline import compile_step
 from service.backends import backend_names, get_backend
 from service.manifest import Manifest
 
@@ -26,16 +31,16 @@ def write_table(path, choice: dict) -> str:
 
 def test_fp32_manifest_records_timing_and_ap_delta(engine_dir):
     parity = Manifest.load(engine_dir).parity
-    timing = parity["timing"]
-    assert timing["eager_s_per_image"] > 0 and timing["engine_s_per_image"] > 0
-    assert timing["ratio_to_eager"] == pytest.approx(timing["engine_s_per_image"] / timing["eager_s_per_image"])
-    assert timing["engine_with_postprocess_s_per_image"] >= timing["engine_s_per_image"]
-    assert timing["images"] == 1 and timing["batch_size"] == 1 and timing["threads"] >= 1
-    delta = parity["ap_delta_points"]
-    assert delta["box"] == pytest.approx(100 * (1 - parity["box_ap"]))
-    assert delta["mask"] == pytest.approx(100 * (1 - parity["mask_ap"]))
+    timing = parity.timing
+    assert timing.eager_s_per_image > 0 and timing.engine_s_per_image > 0
+    assert timing.ratio_to_eager == pytest.approx(timing.engine_s_per_image / timing.eager_s_per_image)
+    assert timing.engine_with_postprocess_s_per_image >= timing.engine_s_per_image
+    assert timing.images == 1 and timing.batch_size == 1 and timing.threads >= 1
+    delta = parity.ap_delta_points
+    assert delta.box == pytest.approx(100 * (1 - parity.box_ap))
+    assert delta.mask == pytest.approx(100 * (1 - parity.mask_ap))
     # fp32 reproduces eager: the fp32 tolerance (AP >= 0.95) bounds the loss at 5 points
-    assert 0 <= delta["box"] <= 5 and 0 <= delta["mask"] <= 5
+    assert 0 <= delta.box <= 5 and 0 <= delta.mask <= 5
 
 
 def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
@@ -61,9 +66,9 @@ def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
     assert code == 0
     manifest = Manifest.load(tmp_path / "eng")  # one precision: the folder named by --out, as before
     assert manifest.backend == "onnxruntime"
-    assert manifest.tools["backend_choice"]["requested"] == "auto"
-    assert manifest.tools["backend_choice"]["chosen"] == "onnxruntime"
-    assert "0.61x eager" in manifest.tools["backend_choice"]["why"]
+    assert manifest.tools.backend_choice["requested"] == "auto"
+    assert manifest.tools.backend_choice["chosen"] == "onnxruntime"
+    assert "0.61x eager" in manifest.tools.backend_choice["why"]
     assert "report: onnxruntime fp32: not verified" in out
 
 
@@ -75,10 +80,10 @@ def test_backend_auto_falls_back_when_the_chosen_backend_is_missing(export_dir, 
     monkeypatch.setattr(openvino, "available", lambda: (False, "openvino is not installed (test)"))
     manifest = compile_step(export_dir, tmp_path / "eng", backend="auto", precision="fp32", run_verify=False,
                             choice_table=table)
-    choice = manifest.tools["backend_choice"]
+    choice = manifest.tools.backend_choice
     assert manifest.backend == "onnxruntime" and choice["chosen"] == "onnxruntime"
     assert "fell back to onnxruntime" in choice["why"] and "openvino is not available" in choice["why"]
-    assert Manifest.load(tmp_path / "eng").tools["backend_choice"] == choice
+    assert Manifest.load(tmp_path / "eng").tools.backend_choice == choice
     others = [n for n in backend_names() if n != "openvino" and "bf16" in get_backend(n).PRECISIONS
               and get_backend(n).available()[0]]
     if not others:
@@ -99,7 +104,7 @@ def test_checked_in_backend_choice_table_is_honest_and_resolves():
 
 
 def test_choice_keeps_precisions_within_their_ap_bound():
-    from scripts.bench.build import choose_backends
+    from build_tools.backend_choice import choose_backends
 
     rows = [
         {"kind": "engine", "backend": "openvino", "precision": "int8", "median_s": 1.0, "ratio_to_eager": 0.3,
@@ -111,11 +116,11 @@ def test_choice_keeps_precisions_within_their_ap_bound():
         {"kind": "engine", "backend": "openvino", "precision": "fp32", "median_s": 2.0, "ratio_to_eager": 0.6,
          "box_ap_delta_points": None, "mask_ap_delta_points": None},
     ]
-    choice, notes = choose_backends(rows, ["fp32", "int8"])
+    choice = choose_backends(rows)["choice"]
     assert choice["int8"]["backend"] == "onnxruntime" and "openvino (AP delta box 1.60" in choice["int8"]["why"]
     assert choice["fp32"]["backend"] == "openvino" and choice["fp32"]["ranking"] == ["openvino", "onnxruntime"]
     assert "0.60x eager" in choice["fp32"]["why"]
-    assert choose_backends(rows, ["int8"], use_ap=False)[0]["int8"]["backend"] == "openvino"
+    assert choose_backends(rows, ap_bounds={})["choice"]["int8"]["backend"] == "openvino"
 
 
 def _second_precision() -> str | None:
@@ -138,11 +143,11 @@ def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_pa
     assert code == 0, printed
     ort, ov = Manifest.load(out / "onnxruntime-fp32"), Manifest.load(out / "openvino-bf16")
     assert (ort.backend, ort.precision, ov.backend, ov.precision) == ("onnxruntime", "fp32", "openvino", "bf16")
-    assert ort.tools["backend_choice"]["chosen"] == "onnxruntime" and ov.tools["backend_choice"]["chosen"] == "openvino"
+    assert ort.tools.backend_choice["chosen"] == "onnxruntime" and ov.tools.backend_choice["chosen"] == "openvino"
     for manifest in (ort, ov):
-        assert manifest.parity["timing"]["engine_s_per_image"] > 0
-        assert manifest.parity["ap_delta_points"]["box"] is not None
-    assert ort.parity["passed"]
+        assert manifest.parity.timing.engine_s_per_image > 0
+        assert manifest.parity.ap_delta_points.box is not None
+    assert ort.parity.passed
     lines = printed.splitlines()
     assert sum(line.startswith("report: ") for line in lines) == 2
     assert any("only 1 verify image" in line for line in lines)  # the header says how few images timed it
@@ -155,20 +160,20 @@ def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_pa
 
 
 def test_bench_build_rows_per_backend_and_precision(export_dir, photos, tmp_path):
-    from scripts.bench import build as bench_build
-    from scripts.demo import data as demo_data
-
+    # benchmarks are leaves: run as their users run them, never imported
     gt_data = tmp_path / "data"
-    assert demo_data.main(["--out", str(gt_data), "--train", "0", "--val", "1", "--objects-per-image", "3"]) == 0
+    subprocess.run([sys.executable, "-m", "scripts.demo.data", "--out", str(gt_data), "--train", "0", "--val", "1",
+                    "--objects-per-image", "3"], cwd=ROOT, check=True, capture_output=True)
     rows_path, choice_path = tmp_path / "rows.json", tmp_path / "choice.json"
-    code = bench_build.main([
+    bench = subprocess.run([
+        sys.executable, "-m", "scripts.bench.build",
         "--export", str(export_dir), "--backends", "onnxruntime", "--precisions", "fp32,fp16",
         "--iterations", "1", "--warmup", "0", "--no-stock", "--artifacts", str(tmp_path / "cache"),
         "--ap-images", str(photos), "--ap-count", "1", "--image", str(photos / "coffee.png"),
         "--gt-data", str(gt_data), "--gt-limit", "1",
         "--json", str(rows_path), "--write-choice", str(choice_path),
-    ])
-    assert code == 0
+    ], cwd=ROOT, capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stderr[-3000:]
     rows = {(r["backend"], r["precision"]): r for r in json.loads(rows_path.read_text())}
     assert set(rows) == {("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "fp16")}
     fields = {"engine", "backend", "precision", "artifact", "median_s", "infer_median_s", "ratio_to_eager",

@@ -96,7 +96,7 @@ class _BatchOf:
     """The mutable engine presented as a fixed batch of ``batch_size`` to ``verify``."""
 
     def __init__(self, engine, batch_size: int):
-        self.engine, self.batch_size, self.manifest = engine, batch_size, engine.manifest
+        self.engine, self.batch_size, self.manifest, self.threads = engine, batch_size, engine.manifest, engine.threads
 
     def infer(self, images, image_sizes):
         assert images.shape[0] == self.batch_size

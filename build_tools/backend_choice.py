@@ -1,0 +1,236 @@
+"""``--backend auto``: the backend measured fastest per precision, as data and the code that reads it.
+
+``backend_choice.json`` (next to this module) is written by ``scripts/bench/build.py --write-choice``
+from its measured rows with :func:`choose_backends` and :func:`write_backend_choice`, and read at
+build time by :func:`resolve_backend`. The policy: per precision, among the engines whose AP loss
+against eager fp32 is within :data:`AP_BOUNDS` (when AP was measured), the fastest backend wins;
+the others follow in order as its fallbacks.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from build_tools.errors import BuildError
+from service.backends import (
+    BackendUnavailable,
+    backend_names,
+    canonical_precision,
+    get_backend,
+)
+from service.backends.base import cpu_cores
+
+AUTO_BACKEND = "auto"
+BACKEND_CHOICE = Path(__file__).with_name("backend_choice.json")
+# Largest AP loss (points, box and mask) against the fp32 reference that a reduced precision may
+# cost for its backend to be chosen, when AP was measured on trained weights (ground-truth AP when
+# measured, else AP against the reference's detections). fp32 engines have none here: compile's
+# verify holds them to eager PyTorch already.
+AP_BOUNDS = {"fp16": 0.3, "bf16": 0.3, "int8": 1.0}
+# The row fields a written table keeps (the measurement behind each choice).
+ROW_FIELDS = ("backend", "precision", "median_s", "infer_median_s", "ratio_to_eager", "box_ap_delta_points",
+              "mask_ap_delta_points", "gt_box_ap", "gt_mask_ap", "gt_box_ap_delta_points", "gt_mask_ap_delta_points",
+              "skipped")
+# CPU features that decide which backend's kernels are fast (VNNI/AMX for int8, BF16/AMX for bf16).
+_CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The facts about this CPU that make a backend measurement transferable to another machine:
+    ``model``, ``machine``, ``cores`` and the relevant instruction-set ``flags``."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's lines
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    return {"model": model, "machine": platform.machine(), "cores": cpu_cores(),
+            "flags": [f for f in _CPU_FLAGS if f in flags]}
+
+
+def same_cpu_kind(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Same CPU model and the same relevant instruction sets (core counts may differ)."""
+    return (a.get("model"), a.get("machine"), sorted(a.get("flags", []))) == (
+        b.get("model"), b.get("machine"), sorted(b.get("flags", [])))
+
+
+def ap_deltas(row: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """(box, mask) AP points a measured row loses against eager fp32: ground-truth AP when
+    measured, else AP against the reference's detections; None where not measured."""
+    if row.get("gt_box_ap_delta_points") is not None:
+        return row["gt_box_ap_delta_points"], row["gt_mask_ap_delta_points"]
+    return row.get("box_ap_delta_points"), row.get("mask_ap_delta_points")
+
+
+def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, float] = AP_BOUNDS) -> dict[str, Any]:
+    """The backend choice per precision from measured rows.
+
+    Args:
+        rows: benchmark rows, each with ``kind`` (only ``"engine"`` rows count), ``backend``,
+            ``precision``, ``median_s`` (seconds per request; None when not measured),
+            ``ratio_to_eager`` and the AP deltas of :func:`ap_deltas`.
+        ap_bounds: largest AP loss (points) per precision; a precision without a bound (or rows
+            without AP) is chosen on speed alone. ``{}`` applies none (e.g. random weights).
+
+    Returns:
+        ``{"choice": {precision: {"backend", "why", "ranking", "ratio_to_eager", "median_s",
+        "ap_delta_points": {"box", "mask"}, "ap_measure"}}, "notes": [what was left out and why]}``;
+        a precision whose every backend misses its bound has no entry.
+    """
+    precisions = list(dict.fromkeys(r["precision"] for r in rows if r.get("kind") == "engine" and r.get("precision")))
+    choice: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for precision in precisions:
+        measured = [r for r in rows if r["precision"] == precision and r.get("median_s") is not None
+                    and r.get("kind") == "engine"]
+        best: dict[str, Mapping[str, Any]] = {}
+        for r in sorted(measured, key=lambda r: r["median_s"]):
+            best.setdefault(r["backend"], r)
+        bound = ap_bounds.get(precision)
+        within, rejected = [], []
+        for r in best.values():
+            box, mask = ap_deltas(r)
+            deltas = [d for d in (box, mask) if d is not None]
+            if bound is not None and deltas and max(deltas) > bound:
+                rejected.append(f"{r['backend']} (AP delta box {box:.2f}/mask {mask:.2f} points > {bound})")
+            else:
+                within.append(r)
+        if rejected:
+            notes.append(f"{precision}: left out {', '.join(rejected)}")
+        if not within:
+            if best:
+                notes.append(f"{precision}: no backend within {bound} AP points; no choice written")
+            continue
+        choice[precision] = _entry(within, rejected)
+    return {"choice": choice, "notes": notes}
+
+
+def _entry(within: Sequence[Mapping[str, Any]], rejected: Sequence[str]) -> dict[str, Any]:
+    """The choice of one precision: the fastest of ``within`` (sorted fastest first), and why."""
+    def described(r: Mapping[str, Any]) -> str:
+        box, mask = ap_deltas(r)
+        ap = (f", {'ground-truth ' if r.get('gt_box_ap_delta_points') is not None else ''}AP delta box "
+              f"{box:.2f}/mask {mask:.2f} pt") if box is not None else ""
+        return f"{r['backend']} {r['ratio_to_eager']:.2f}x eager ({r['median_s']:.3f} s/img{ap})"
+
+    top = within[0]
+    return {
+        "backend": top["backend"],
+        "why": f"fastest: {'; '.join(described(r) for r in within)}"
+               + (f"; left out {', '.join(rejected)}" if rejected else ""),
+        "ranking": [r["backend"] for r in within],
+        "ratio_to_eager": top["ratio_to_eager"],
+        "median_s": top["median_s"],
+        "ap_delta_points": dict(zip(("box", "mask"), ap_deltas(top))),
+        "ap_measure": "ground truth" if top.get("gt_box_ap_delta_points") is not None else "reference",
+    }
+
+
+def write_backend_choice(
+    path: str | Path,
+    rows: Sequence[Mapping[str, Any]],
+    measured: Mapping[str, Any],
+    ap_bounds: Mapping[str, float] = AP_BOUNDS,
+) -> dict[str, Any]:
+    """Choose from ``rows`` (:func:`choose_backends`) and write the table ``--backend auto`` reads.
+
+    ``measured`` describes the measurement (``quality``, ``date``, ``command``, ``cpu`` from
+    :func:`cpu_facts`, ...); the table adds the bounds applied, the notes and the rows' fields of
+    :data:`ROW_FIELDS`. Returns the table written: ``{"measured": {...}, "choice": {...}}``.
+    """
+    chosen = choose_backends(rows, ap_bounds)
+    precisions = dict.fromkeys(r["precision"] for r in rows if r.get("kind") == "engine" and r.get("precision"))
+    table = {
+        "measured": {
+            **measured,
+            "ap_bounds_points": {k: ap_bounds[k] for k in precisions if k in ap_bounds},
+            "notes": chosen["notes"],
+            "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows],
+        },
+        "choice": chosen["choice"],
+    }
+    Path(path).write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def load_backend_choice(path: str | Path | None = None) -> dict[str, Any]:
+    """The table at ``path`` (default :data:`BACKEND_CHOICE`).
+
+    Raises:
+        BuildError: it cannot be read or has no ``choice`` table.
+    """
+    path = Path(path or BACKEND_CHOICE)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BuildError(
+            f"--backend auto reads {path}, which cannot be read ({exc}); write it with "
+            "`python -m scripts.bench.build --export DIR --write-choice PATH` or name a backend"
+        ) from exc
+    if not isinstance(table.get("choice"), dict):
+        raise BuildError(f"{path} has no \"choice\" table; regenerate it with scripts/bench/build.py --write-choice")
+    return table
+
+
+def resolve_backend(requested: str, precision: str, table_path: str | Path | None = None) -> tuple[str, dict | None]:
+    """(backend name, resolution record or None) for ``requested``, which may be ``auto``.
+
+    ``auto`` takes the table's choice for ``precision``; when that backend is not installed (or
+    does not offer the precision) it falls back to the next one in the table's ranking, then in
+    the registry, that is available and offers it. The record (``requested``, ``chosen``, ``why``,
+    ``table``, ``measured``, ``same_cpu_kind``) goes into the manifest's ``tools.backend_choice``.
+
+    Raises:
+        BuildError: the table cannot be read, or no available backend offers ``precision``.
+    """
+    if requested != AUTO_BACKEND:
+        return requested, None
+    precision = canonical_precision(precision)
+    path = Path(table_path or BACKEND_CHOICE)
+    table = load_backend_choice(path)
+    entry = table["choice"].get(precision)
+    order = [*([entry["backend"], *entry.get("ranking", [])] if entry else []), *backend_names()]
+    passed_over: list[str] = []
+    chosen = None
+    for name in dict.fromkeys(order):
+        try:
+            module = get_backend(name)
+        except BackendUnavailable:
+            passed_over.append(f"{name} is not a known backend")
+            continue
+        if precision not in module.PRECISIONS:
+            passed_over.append(f"{name} does not offer {precision}")
+            continue
+        ok, reason = module.available()
+        if not ok:
+            passed_over.append(f"{name} is not available ({reason})")
+            continue
+        chosen = name
+        break
+    if chosen is None:
+        raise BuildError(f"--backend auto: no available backend offers {precision} ({'; '.join(passed_over)})")
+    if entry and chosen == entry["backend"]:
+        why = entry.get("why", "")
+    elif entry:
+        why = (f"the table chose {entry['backend']} ({entry.get('why', '')}), but {'; '.join(passed_over)}: "
+               f"fell back to {chosen}, the next available backend offering {precision}")
+    else:
+        why = (f"{path.name} has no measurement for {precision}; {chosen} is the first available backend "
+               f"offering it" + (f" ({'; '.join(passed_over)})" if passed_over else ""))
+    measured = table.get("measured", {})
+    record = {
+        "requested": AUTO_BACKEND,
+        "chosen": chosen,
+        "why": why,
+        "table": str(path),
+        "measured": {k: measured.get(k) for k in ("quality", "date", "cpu")},
+        "same_cpu_kind": same_cpu_kind(measured.get("cpu", {}), cpu_facts()),
+    }
+    return chosen, record

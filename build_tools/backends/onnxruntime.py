@@ -1,0 +1,89 @@
+"""ONNX Runtime build: ``fp32`` is the exported graph as is; ``int8`` is static QDQ quantisation of
+the convolutions and fully connected layers (per-channel weights, activations calibrated on real
+images). ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
+only adds casts.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from service.backends.base import (
+    UnsupportedPrecision,
+    canonical_precision,
+    check_precision,
+    require_calibration,
+)
+from service.backends.onnxruntime import NAME, PRECISIONS
+from service.manifest import ShapeProfile
+
+MODEL_FILE = "model.onnx"
+# Quantising the 3x3/1x1 convolutions (backbone, FPN, RPN, mask head) and the two box-head FCs
+# covers almost all of the arithmetic; the NMS/TopK/RoiAlign machinery stays float.
+QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+class _FeedReader:
+    """Adapts a list of input feeds to ONNX Runtime's ``CalibrationDataReader`` protocol."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def compile(
+    onnx_path: Path,
+    out_dir: Path,
+    precision: str,
+    calibration: Iterable[dict[str, np.ndarray]] | None = None,
+    *,
+    shape_profile: ShapeProfile | None = None,
+) -> tuple[str, dict]:
+    """``model.onnx`` in ``out_dir``: the export copied (fp32) or quantised (int8). ``shape_profile``
+    is not needed: the graph keeps its dynamic axes."""
+    precision = canonical_precision(precision)
+    try:
+        check_precision(NAME, PRECISIONS, precision)
+    except UnsupportedPrecision as exc:
+        raise UnsupportedPrecision(f"{exc}: the CPU provider has no kernels for it (use another backend)") from None
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / MODEL_FILE
+    if precision == "fp32":
+        shutil.copyfile(onnx_path, target)
+        return target.name, {"graph": "exported ONNX, unchanged"}
+    feeds = require_calibration(calibration)
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    quantize_static(
+        str(onnx_path),
+        str(target),
+        _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        # MinMax calibration reduces each activation to its min/max inside the augmented graph,
+        # so its memory stays small however many images are fed
+        extra_options={"ActivationSymmetric": False},
+    )
+    return target.name, {
+        "graph": "static QDQ int8",
+        "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        "per_channel": True,
+        "calibration_method": "MinMax",
+        "calibration_images": len(feeds),
+    }

@@ -1,0 +1,142 @@
+"""The backend contract, once for every registered backend (``service.backends.backend_names()``).
+
+Every backend reports its availability with a reason, refuses precisions it does not build and
+int8 without calibration before touching its library, and, where available, compiles the cached
+export at fp32 into an artifact whose engine returns the graph's outputs by name, dtype and shape,
+in parity with eager PyTorch. Unavailable backends are refused by the pipeline and by
+``load_engine`` with their reason. Serving imports no compiler.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from build_tools.backends import get_builder
+from build_tools.errors import BuildError
+from build_tools.images import list_images
+from build_tools.pipeline import calibration_feeds, compile_step
+from build_tools.verify import Tolerance, check_tolerance, verify
+from service.backends import BackendUnavailable, backend_names, get_backend, load_engine
+from service.backends.base import (
+    OUTPUT_DTYPES,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    UnsupportedPrecision,
+)
+from service.manifest import Manifest
+
+NAMES = backend_names()
+AVAILABILITY = {name: get_backend(name).available() for name in NAMES}
+
+
+def needs(name: str) -> None:
+    ok, reason = AVAILABILITY[name]
+    if not ok:
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_with_a_runtime_and_a_build_module(name):
+    module = get_backend(name)
+    assert module.NAME == name
+    assert module.PRECISIONS and "fp32" in module.PRECISIONS and set(module.PRECISIONS) <= set(PRECISIONS)
+    assert callable(module.available) and callable(module.load)
+    assert callable(get_builder(name).compile)
+
+
+def test_unknown_backend_names_are_refused():
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        get_builder("nope")
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        get_backend("nope")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_availability_is_a_reason_not_an_exception(name):
+    ok, reason = AVAILABILITY[name]
+    assert isinstance(ok, bool) and isinstance(reason, str)
+    assert ok or reason
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_refuses_unknown_and_unoffered_precisions(name, tmp_path):
+    builder, offered = get_builder(name), get_backend(name).PRECISIONS
+    with pytest.raises(UnsupportedPrecision, match="unknown precision 'int4'"):
+        builder.compile(tmp_path / "model.onnx", tmp_path / "out", "int4")
+    for precision in (p for p in PRECISIONS if p not in offered):
+        with pytest.raises(UnsupportedPrecision, match=f"{name} builds {', '.join(offered)}; {precision} is not offered"):
+            builder.compile(tmp_path / "model.onnx", tmp_path / "out", precision)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if "int8" in get_backend(n).PRECISIONS])
+def test_int8_needs_calibration(name, tmp_path):
+    builder = get_builder(name)
+    with pytest.raises(UnsupportedPrecision, match="int8 needs calibration images"):
+        builder.compile(tmp_path / "model.onnx", tmp_path / "out", "qint8_mixed_float16")
+    with pytest.raises(UnsupportedPrecision, match="int8 calibration got no images"):
+        builder.compile(tmp_path / "model.onnx", tmp_path / "out", "int8", iter([]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unavailable_backend_is_refused_with_its_reason(name, engine_dir, tmp_path):
+    ok, reason = AVAILABILITY[name]
+    if ok:
+        pytest.skip(f"{name} is available here")
+    (tmp_path / "export.json").write_text("{}")
+    with pytest.raises(BuildError, match=f"backend {name} is not available here") as info:
+        compile_step(tmp_path, tmp_path / "artifact", backend=name, precision="fp32")
+    assert reason in str(info.value)
+    artifact = tmp_path / "engine"
+    artifact.mkdir()
+    Manifest.load(engine_dir).model_copy(update={"backend": name, "model_file": "model.bin"}).save(artifact)
+    (artifact / "model.bin").write_bytes(b"")
+    with pytest.raises(BackendUnavailable, match=f"backend '{name}' is not available here") as info:
+        load_engine(artifact)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp32_compiles_loads_and_matches_eager(name, export_dir, reference_model, photos, tmp_path):
+    needs(name)
+    manifest = compile_step(export_dir, tmp_path / name, backend=name, precision="fp32",
+                            verify_images=photos, verify_count=1, progress=False)
+    assert (manifest.backend, manifest.precision) == (name, "fp32")
+    assert manifest.model_file == get_builder(name).MODEL_FILE and manifest.parity.passed, manifest.parity
+    engine = load_engine(tmp_path / name)
+    assert engine.batch_size == 1 and engine.manifest.backend == name
+
+    feed = next(calibration_feeds(list_images(photos)[:1], manifest.input.spec, 1))
+    out = engine.infer(feed["images"], feed["image_sizes"])
+    n = manifest.postprocess.max_detections
+    assert tuple(out) == OUTPUT_NAMES
+    assert {k: v.dtype for k, v in out.items()} == {k: np.dtype(OUTPUT_DTYPES[k]) for k in OUTPUT_NAMES}
+    assert out["dets"].shape == (1, n, 5) and out["labels"].shape == (1, n) and out["masks"].shape == (1, n, 28, 28)
+
+    paths = list_images(photos)[1:3]
+    report = verify(reference_model, engine, paths, manifest.input.spec, progress=False)
+    assert report["reference_detections"] == 100 * len(paths)
+    assert not check_tolerance(report, Tolerance.for_precision("fp32")), report
+
+
+def test_serving_imports_no_compiler(engine_dir):
+    """The service and every runtime backend module, with a real engine loaded and run, import
+    neither a compiler (NNCF, ONNX Runtime's quantisation, ``onnx``) nor torch."""
+    script = f"""
+import sys
+import numpy as np
+import service.app
+from service.backends import backend_names, get_backend, load_engine
+for name in backend_names():
+    get_backend(name)
+engine = load_engine({str(engine_dir)!r})
+engine.infer(np.zeros((1, 3, 64, 64), np.float32), np.array([[64, 64]]))
+print(",".join(m for m in ("nncf", "onnx", "onnxruntime.quantization", "torch") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"serving imported {done.stdout.strip()}"
