@@ -13,8 +13,8 @@
 # CALIB_COUNT (int8 calibration images, default 16), VERIFY_COUNT (build parity images, default 8),
 # PERF_ITERATIONS (default 5), ENGINES (backend:precision list, default "onnxruntime:fp32
 # onnxruntime:int8"; e.g. add openvino:bf16 openvino:int8, the fastest here). PRECISIONS="fp32 int8"
-# is the older spelling of ENGINES for ONNX Runtime. Per engine, files are named by a tag: the
-# precision for ONNX Runtime (engine-ort-fp32, eval-fp32, perf-fp32), <short backend>-<precision> else.
+# is the older spelling of ENGINES for ONNX Runtime. Per engine, files are named by its tag
+# <backend>-<precision>: engine-onnxruntime-fp32/, eval-onnxruntime-fp32.json, perf-onnxruntime-fp32.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -25,10 +25,9 @@ if [ -z "${ENGINES:-}" ]; then
   ENGINES=""
   for p in ${PRECISIONS:-fp32 int8}; do ENGINES="$ENGINES onnxruntime:$p"; done
 fi
-short_of() { case $1 in onnxruntime) echo ort;; openvino) echo ov;; tensorrt) echo trt;; magicmind) echo mm;; *) echo "$1";; esac; }
 # tag of backend:precision, used in every file name of that engine
-tag_of() { local b=${1%%:*} p=${1##*:}; if [ "$b" = onnxruntime ]; then echo "$p"; else echo "$(short_of "$b")-$p"; fi; }
-engine_of() { echo "$run/engine-$(short_of "${1%%:*}")-${1##*:}"; }
+tag_of() { echo "${1%%:*}-${1##*:}"; }
+engine_of() { echo "$run/engine-$(tag_of "$1")"; }
 limit_args=()
 [ -n "${LIMIT:-}" ] && limit_args=(--limit "$LIMIT")
 
@@ -104,43 +103,28 @@ fi
 
 # 5. serve each engine and evaluate it through the endpoint
 for item in $ENGINES; do
-  engine=$(engine_of "$item") precision=$(tag_of "$item")
-  [ -f "$results/eval-$precision.summary.json" ] && continue
+  engine=$(engine_of "$item") tag=$(tag_of "$item")
+  [ -f "$results/eval-$tag.summary.json" ] && continue
   port=$("$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   step "serving $engine on 127.0.0.1:$port and evaluating it"
   "$BIN/maskrcnn-serve" --engine "$engine" --port "$port" --request-timeout-ms 600000 --log-level warning \
-    > "$results/serve-$precision.log" 2>&1 &
+    > "$results/serve-$tag.log" 2>&1 &
   server_pid=$!
-  "$BIN/python" - "$port" "$server_pid" <<'EOF' || { tail -n 30 "$results/serve-$precision.log"; exit 1; }
-import os, sys, time, httpx
-port, pid = sys.argv[1], int(sys.argv[2])
-deadline = time.monotonic() + 600
-while time.monotonic() < deadline:
-    try:
-        if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-            sys.exit(0)
-    except httpx.TransportError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        sys.exit("maskrcnn-serve exited before it was ready")
-    time.sleep(0.5)
-sys.exit("maskrcnn-serve was not ready after 600 s")
-EOF
+  "$BIN/python" -m scripts.tools.wait_ready "http://127.0.0.1:$port" --pid "$server_pid" --timeout 600 \
+    || { tail -n 30 "$results/serve-$tag.log"; exit 1; }
   "$BIN/maskrcnn-eval" "${data_args[@]}" --url "http://127.0.0.1:$port" --concurrency "${CONCURRENCY:-2}" \
-    --out "$results/eval-$precision.json" --reference-results "$results/eager.json" \
-    --json "$results/eval-$precision.summary.json"
+    --out "$results/eval-$tag.json" --reference-results "$results/eager.json" \
+    --json "$results/eval-$tag.summary.json"
   stop_server
 done
 
 # 6. engine perf with the eager baseline of the same run (no server competing for the cores)
 for item in $ENGINES; do
-  precision=$(tag_of "$item")
-  [ -f "$run/perf-$precision.json" ] && continue
+  tag=$(tag_of "$item")
+  [ -f "$run/perf-$tag.json" ] && continue
   step "perf of the $item engine against eager PyTorch"
   "$BIN/maskrcnn-perf" --engine "$(engine_of "$item")" --iterations "${PERF_ITERATIONS:-5}" --warmup 1 \
-    --baseline eager --json "$run/perf-$precision.json"
+    --baseline eager --json "$run/perf-$tag.json"
 done
 
 # 7. the table
@@ -150,7 +134,6 @@ import json, sys
 from pathlib import Path
 
 run, results, engines = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-SHORT = {"onnxruntime": "ort", "openvino": "ov", "tensorrt": "trt", "magicmind": "mm"}
 
 
 def load(path):
@@ -160,14 +143,13 @@ def load(path):
 eager = load(results / "eager.summary.json")
 rows = [("eager", f"{eager['bbox']['AP']:.4f}", f"{eager['segm']['AP']:.4f}", *"-" * 8, "1.00")]
 for item in engines:
-    backend, p = item.split(":")
-    short = SHORT.get(backend, backend)
-    tag = p if backend == "onnxruntime" else f"{short}-{p}"
+    backend, precision = item.split(":")
+    tag = f"{backend}-{precision}"
     ev, perf = load(results / f"eval-{tag}.summary.json"), load(run / f"perf-{tag}.json")
-    parity = load(run / f"engine-{short}-{p}" / "manifest.json")["parity"] or {}
+    parity = load(run / f"engine-{tag}" / "manifest.json")["parity"] or {}
     ms, engine = ev["latency_ms"], perf["results"]["engine"]
     rows.append((
-        f"{short} {p}", f"{ev['bbox']['AP']:.4f}", f"{ev['segm']['AP']:.4f}",
+        f"{backend} {precision}", f"{ev['bbox']['AP']:.4f}", f"{ev['segm']['AP']:.4f}",
         f"{ev['bbox']['AP'] - eager['bbox']['AP']:+.4f}", f"{ev['segm']['AP'] - eager['segm']['AP']:+.4f}",
         "; ".join(parity.get("failures", [])) or ("passed" if parity else "not verified"),
         f"{ms['p50']:.0f}", f"{ms['p90']:.0f}", f"{ms['p99']:.0f}", f"{ev['throughput_ips']:.3f}",

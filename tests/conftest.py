@@ -148,6 +148,7 @@ def engine_dir_mutable() -> Path:
 def minimal_manifest(folder: Path, batch_size: int = 1, **changes):
     """A valid manifest of a fixed-batch graph, saved in ``folder`` beside an empty model file:
     for code that reads a manifest without running the model."""
+    from build_tools.classes import coco_class_table
     from service.manifest import Manifest
     from service.preprocess import InputSpec
 
@@ -160,6 +161,7 @@ def minimal_manifest(folder: Path, batch_size: int = 1, **changes):
                        "max_hw": [1344, 1344]},
         outputs={"dets": tensor, "labels": tensor, "masks": tensor, "padding": "-"},
         postprocess={"score_threshold": 0.05, "mask_threshold": 0.5, "max_detections": n, "paste": "mmdet"},
+        classes=coco_class_table(),
     )
     manifest = Manifest.model_validate({**fields, **changes})
     folder.mkdir(parents=True, exist_ok=True)

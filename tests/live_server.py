@@ -24,6 +24,8 @@ import httpx
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.tools.wait_ready import NotReady, wait_ready
+
 SERVE = str(Path(sys.executable).with_name("maskrcnn-serve"))
 
 
@@ -52,14 +54,10 @@ class LiveServer:
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         """Return once /readyz answers 200; fail early if the server died."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    return
-            if not self._alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not become ready: {self._describe()}")
-            time.sleep(0.1)
+        try:
+            wait_ready(self.url, alive=self._alive, timeout_s=timeout_s, interval_s=0.1)
+        except NotReady as error:
+            raise RuntimeError(f"{error}: {self._describe()}") from None
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the /metrics samples called ``name`` whose labels include ``labels`` (0.0 when none)."""

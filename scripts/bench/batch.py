@@ -17,25 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PHOTOS = ("chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
-
-
-def photo_paths(folder: str | None, count: int) -> list[Path]:
-    """``count`` image files: from ``folder``, else scikit-image's sample photographs (cycled)."""
-    if folder:
-        from build_tools.verify import list_images
-
-        paths = list_images(folder)
-    else:
-        import skimage
-
-        paths = [Path(skimage.data_dir) / name for name in DEFAULT_PHOTOS]
-    return [paths[i % len(paths)] for i in range(count)]
+from scripts.tools.photos import photo_paths
+from scripts.tools.timing import time_calls
 
 
 def runnable_batches(manifest, batches: Sequence[int]) -> list[int]:
@@ -62,34 +49,28 @@ def make_pass(engine, prepared: list, batch: int, divisor: int, hw: tuple[int, i
 def measure(engine_dirs: Sequence[Path], *, batches: Sequence[int] = (1, 2, 4), images: int | None = None,
             image_folder: str | None = None, iterations: int = 5, warmup: int = 1,
             threads: int | None = None) -> dict[str, Any]:
-    from build_tools.verify import read_rgb
+    from build_tools.images import read_rgb
     from service.backends import load_engine
-    from service.backends.onnxruntime import default_threads
-    from service.preprocess import InputSpec, prepare_image
+    from service.backends.base import cpu_cores
+    from service.preprocess import padded_hw, prepare_image
 
-    threads = threads or default_threads()
+    threads = threads or cpu_cores()
     engines = [load_engine(d, threads=threads) for d in engine_dirs]
     plan = [(i, b) for i, e in enumerate(engines) for b in runnable_batches(e.manifest, batches)]
     if not plan:
         raise SystemExit(f"no artifact can run any of the batch sizes {list(batches)}")
     count = images or max(b for _, b in plan)
     paths = photo_paths(image_folder, count)
-    spec = InputSpec.from_manifest_input(engines[0].manifest.input)
+    spec = engines[0].manifest.input.spec
     prepared = [prepare_image(read_rgb(p), spec) for p in paths]
     divisor = spec.pad_divisor
-    hw = tuple(-(-max(p.resized_hw[k] for p in prepared) // divisor) * divisor for k in (0, 1))
+    hw = padded_hw((max(p.resized_hw[0] for p in prepared), max(p.resized_hw[1] for p in prepared)), divisor)
 
     runners, shapes = {}, {}
     for i, b in plan:
         runners[(i, b)], feeds = make_pass(engines[i], prepared, b, divisor, hw)
         shapes[(i, b)] = [list(f[0].shape) for f in feeds]
-    seconds: dict[tuple[int, int], list[float]] = {key: [] for key in runners}
-    for index in range(warmup + iterations):
-        for key, run in runners.items():
-            started = time.perf_counter()
-            run()
-            if index >= warmup:
-                seconds[key].append(time.perf_counter() - started)
+    seconds = time_calls(runners, iterations, warmup)
 
     rows = []
     for (i, b), samples in seconds.items():
@@ -97,7 +78,7 @@ def measure(engine_dirs: Sequence[Path], *, batches: Sequence[int] = (1, 2, 4), 
         m = engines[i].manifest
         rows.append({
             "engine_dir": str(engine_dirs[i]), "backend": m.backend, "precision": m.precision,
-            "graph_batch": m.shape_profile["batch"], "batch": b, "calls_per_pass": len(shapes[(i, b)]),
+            "graph_batch": m.shape_profile.batch.model_dump(), "batch": b, "calls_per_pass": len(shapes[(i, b)]),
             "input_shapes": shapes[(i, b)], "pass_seconds": samples, "median_pass_s": median,
             "throughput_ips": len(prepared) / median,
         })

@@ -15,8 +15,9 @@ eager PyTorch and every engine are also scored against the dataset's ground trut
 ``gt dAP`` = eager's AP minus the engine's, in points, the measure the AP bounds below apply to
 (the reference-scored ``dAP`` counts every reshuffled low-score detection as a loss and is far
 stricter).
-``--write-choice PATH`` writes the table ``maskrcnn-build --backend auto`` reads: per precision,
-the fastest backend among those within the precision's AP bound (when AP was measured).
+``--write-choice PATH`` writes the table ``maskrcnn-build --backend auto`` reads, with the policy
+of ``build_tools.backend_choice``: per precision, the fastest backend among those within the
+precision's AP bound (when AP was measured).
 
     python -m scripts.bench.build --engine artifacts/fp32 --engine artifacts/int8 [--image IMG]
     python -m scripts.bench.build --export EXPORT_DIR --backends onnxruntime,openvino \\
@@ -41,34 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Largest AP loss (points, box and mask) against the fp32 reference that a reduced precision may
-# cost for its backend to be chosen by --write-choice, when AP was measured on trained weights
-# (ground-truth AP with --gt-data, else AP against the reference's detections).
-# fp32 engines have none here: compile's verify holds them to eager PyTorch already.
-AP_BOUNDS = {"fp16": 0.3, "bf16": 0.3, "int8": 1.0}
-
-
-def _time(fn, iterations: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _time_segments(fn, iterations: int, warmup: int) -> tuple[list[float], list[float]]:
-    """``fn()`` returns (total seconds, infer seconds) of one request; lists of both."""
-    for _ in range(warmup):
-        fn()
-    totals, infers = [], []
-    for _ in range(iterations):
-        total, infer = fn()
-        totals.append(total)
-        infers.append(infer)
-    return totals, infers
+from scripts.tools.timing import time_calls
 
 
 def _stock_torchvision_onnx(cache: Path, hw: tuple[int, int]) -> Path:
@@ -106,92 +80,36 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _compiled_artifact(export: Path, info: dict, backend: str, precision: str, args, threads: int) -> Path:
-    """The artifact of ``export`` for ``backend``/``precision`` in the cache, compiled (unverified) if missing."""
-    from build_tools.pipeline import compile_step, image_set_hash
-    from build_tools.verify import list_images
+def _compiled_artifact(export: Path, info, backend: str, precision: str, args, threads: int) -> Path:
+    """The artifact of ``export`` (its ``build_tools.export.ExportInfo`` is ``info``) for
+    ``backend``/``precision`` in the cache, compiled (unverified) if missing."""
+    from build_tools.images import image_set_hash, list_images
+    from build_tools.pipeline import compile_step
 
     name = f"{backend}-{precision}"
     if precision == "int8":
         calib = list_images(args.calib_images, args.calib_count)
         name += f"-calib{len(calib)}-{image_set_hash(calib)[:8]}"
-    shape = f"mut{info['batch_size']}" if info.get("shape_mutable") else f"b{info['batch_size']}"
-    folder = Path(args.artifacts) / f"{info['onnx_sha256'][:16]}-{shape}" / name
+    shape = f"mut{info.batch_size}" if info.shape_mutable else f"b{info.batch_size}"
+    folder = Path(args.artifacts) / f"{info.onnx_sha256[:16]}-{shape}" / name
     if not (folder / "manifest.json").is_file():
         compile_step(export, folder, backend=backend, precision=precision, calib_images=args.calib_images,
                      calib_count=args.calib_count, run_verify=False, threads=threads, progress=False)
     return folder
 
 
-def _ap_deltas(row: dict) -> tuple[float | None, float | None]:
-    """(box, mask) AP points the row loses against eager fp32: ground-truth AP when measured."""
-    if row.get("gt_box_ap_delta_points") is not None:
-        return row["gt_box_ap_delta_points"], row["gt_mask_ap_delta_points"]
-    return row.get("box_ap_delta_points"), row.get("mask_ap_delta_points")
-
-
-def _gt_scores(detections, image_ids, gt_data: str, split: str) -> dict[str, float]:
-    """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of the dataset."""
-    import tempfile
-
-    from scripts.demo.eval import coco_ap
-    from service.manifest import COCO_CATEGORY_IDS
+def _gt_scores(detections, image_ids, coco) -> dict[str, float]:
+    """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of ``coco``."""
+    from build_tools.classes import COCO_CATEGORY_IDS
+    from build_tools.coco_eval import evaluate
     from service.response import coco_body
 
     results = []
     for image_id, det in zip(image_ids, detections):
         results += coco_body(det.boxes.tolist(), det.scores.tolist(), [COCO_CATEGORY_IDS[i] for i in det.labels],
                              det.rles, image_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "results.json"
-        path.write_text(json.dumps(results))
-        scores = coco_ap(gt_data, split, path, image_ids, verbose=False)
+    scores = evaluate(coco, results, image_ids)
     return {"box": 100 * scores["bbox"]["AP"], "mask": 100 * scores["segm"]["AP"]}
-
-
-def choose_backends(rows: list[dict], precisions: list[str], use_ap: bool = True) -> tuple[dict, list[str]]:
-    """Per precision, the fastest backend among the rows within the precision's AP bound (all
-    measured rows when AP was not measured or ``use_ap`` is false); (choice table, notes on what
-    was left out)."""
-    choice, notes = {}, []
-    for precision in precisions:
-        measured = [r for r in rows if r["precision"] == precision and r.get("median_s") is not None
-                    and r.get("kind") == "engine"]
-        best: dict[str, dict] = {}
-        for r in sorted(measured, key=lambda r: r["median_s"]):
-            best.setdefault(r["backend"], r)
-        bound = AP_BOUNDS.get(precision) if use_ap else None
-        within, rejected = [], []
-        for r in best.values():
-            box, mask = _ap_deltas(r)
-            deltas = [d for d in (box, mask) if d is not None]
-            if bound is not None and deltas and max(deltas) > bound:
-                rejected.append(f"{r['backend']} (AP delta box {box:.2f}/mask {mask:.2f} points > {bound})")
-            else:
-                within.append(r)
-        if rejected:
-            notes.append(f"{precision}: left out {', '.join(rejected)}")
-        if not within:
-            if best:
-                notes.append(f"{precision}: no backend within {bound} AP points; no choice written")
-            continue
-        ranked = "; ".join(
-            f"{r['backend']} {r['ratio_to_eager']:.2f}x eager ({r['median_s']:.3f} s/img"
-            + (f", {'ground-truth ' if r.get('gt_box_ap_delta_points') is not None else ''}AP delta box "
-               f"{_ap_deltas(r)[0]:.2f}/mask {_ap_deltas(r)[1]:.2f} pt" if _ap_deltas(r)[0] is not None else "") + ")"
-            for r in within
-        )
-        top = within[0]
-        choice[precision] = {
-            "backend": top["backend"],
-            "why": f"fastest: {ranked}" + (f"; left out {', '.join(rejected)}" if rejected else ""),
-            "ranking": [r["backend"] for r in within],
-            "ratio_to_eager": top["ratio_to_eager"],
-            "median_s": top["median_s"],
-            "ap_delta_points": dict(zip(("box", "mask"), _ap_deltas(top))),
-            "ap_measure": "ground truth" if top.get("gt_box_ap_delta_points") is not None else "reference",
-        }
-    return choice, notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,45 +146,50 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
     import torch
 
-    from build_tools.pipeline import cpu_facts, input_spec_of, read_export_info, reload_reference
-    from build_tools.verify import (
-        ap_against_reference,
-        ap_delta_points,
+    from build_tools.backend_choice import AP_BOUNDS, cpu_facts, write_backend_choice
+    from build_tools.coco_eval import load_coco
+    from build_tools.export import read_export_info
+    from build_tools.images import list_images, read_rgb
+    from build_tools.reference import (
         eager_infer,
-        list_images,
-        read_rgb,
-        run_detections,
+        reference_for_export,
+        reference_for_manifest,
     )
-    from service.backends import backend_names, canonical_precision, get_backend, load_engine
-    from service.backends.onnxruntime import default_threads
+    from build_tools.verify import ap_against_reference, ap_delta_points, run_detections
+    from scripts.demo.eval import split_paths
+    from scripts.tools.photos import sample_photo
+    from service.backends import (
+        backend_names,
+        canonical_precision,
+        get_backend,
+        load_engine,
+    )
+    from service.backends.base import cpu_cores
     from service.manifest import Manifest
     from service.postprocess import postprocess_image
     from service.preprocess import pad_batch, prepare_image
 
-    if args.image:
-        image_path = Path(args.image)
-    else:
-        import skimage
-
-        image_path = Path(skimage.data_dir) / "coffee.png"
+    image_path = Path(args.image) if args.image else sample_photo("coffee.png")
     rgb = read_rgb(image_path)
     if args.size:
         rgb = np.ascontiguousarray(cv2.resize(rgb, (args.size[1], args.size[0]), interpolation=cv2.INTER_LINEAR))
-    threads = args.threads or default_threads()
+    threads = args.threads or cpu_cores()
     torch.set_num_threads(threads)
 
     # the eager reference: the export's model, else the first engine's
     if args.export:
         info = read_export_info(args.export)
-        ref_checkpoint, config = info["checkpoint"], info["inference_config"]
+        ref_checkpoint, loaded = info.checkpoint, reference_for_export(info)
         # a fixed-batch graph is fed its whole (padded) batch per request; a mutable one, one image
-        batch = 1 if info.get("shape_mutable") else info["batch_size"]
+        batch = 1 if info.shape_mutable else info.batch_size
     else:
         first = Manifest.load(args.engine[0])
-        ref_checkpoint, config, batch = first.checkpoint, first.inference_config, first.batch_size or 1
-    reference = reload_reference({"checkpoint": ref_checkpoint, "inference_config": config}).model
-    spec = input_spec_of(config)
-    score_threshold, mask_threshold = config["score_thresh"], config["mask_threshold"]
+        ref_checkpoint, loaded = first.checkpoint, reference_for_manifest(first)
+        batch = first.batch_size or 1
+    reference = loaded.model
+    config = reference.config
+    spec = config.input_spec()
+    score_threshold, mask_threshold = config.score_thresh, config.mask_threshold
 
     # what to time: given engines, then each backend x precision compiled from the export
     plan: list[dict] = [{"kind": "engine", "artifact": Path(e)} for e in args.engine]
@@ -285,19 +208,22 @@ def main(argv: list[str] | None = None) -> int:
                 plan.append(row)
     total = 1 + (not args.no_stock) + len(plan)
 
-    def request(infer, batch_size: int):
-        """One request's work: preprocess, infer, host postprocess with RLE masks -> (total s, infer s)."""
-        def once():
-            t0 = time.perf_counter()
+    def time_requests(infer, batch_size: int) -> tuple[list[float], list[float]]:
+        """Seconds of each timed request (preprocess, infer, host postprocess with RLE masks) and of
+        its engine call: ``--iterations`` of each after ``--warmup`` untimed requests."""
+        infers: list[float] = []
+
+        def request() -> None:
             prepared = prepare_image(rgb, spec)
             images, sizes = pad_batch([prepared], spec.pad_divisor, batch_size=batch_size)
-            t1 = time.perf_counter()
+            started = time.perf_counter()
             out = infer(images, sizes)
-            t2 = time.perf_counter()
+            infers.append(time.perf_counter() - started)
             postprocess_image(out["dets"][0], out["labels"][0], out["masks"][0], prepared.scale_factor,
                               prepared.orig_hw, score_threshold=score_threshold, mask_threshold=mask_threshold)
-            return time.perf_counter() - t0, t2 - t1
-        return once
+
+        totals = time_calls({"request": request}, args.iterations, args.warmup)["request"]
+        return totals, infers[args.warmup:]
 
     ap_prepared, refs = None, None
     if args.ap_images:
@@ -309,16 +235,14 @@ def main(argv: list[str] | None = None) -> int:
 
     gt_prepared, gt_ids, gt_eager = None, None, None
     if args.gt_data:
-        from scripts.demo.eval import _quiet_coco, split_paths
-
         ann, gt_dir = split_paths(args.gt_data, args.gt_split)
-        coco = _quiet_coco(ann)
+        coco = load_coco(ann)
         gt_ids = sorted(coco.getImgIds())[: args.gt_limit] if args.gt_limit else sorted(coco.getImgIds())
         _progress(f"ground truth: eager PyTorch on {len(gt_ids)} image(s) of {ann} ...")
         gt_prepared = [prepare_image(read_rgb(gt_dir / coco.imgs[i]["file_name"]), spec) for i in gt_ids]
         dets, _ = run_detections(eager_infer(reference), gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
                                  mask_threshold=mask_threshold, warmup=0)
-        gt_eager = _gt_scores(dets, gt_ids, args.gt_data, args.gt_split)
+        gt_eager = _gt_scores(dets, gt_ids, coco)
 
     rows: list[dict] = []
     step = 0
@@ -338,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
 
     _progress(f"[{step + 1}/{total}] eager PyTorch: timing ...")
-    eager_totals, eager_infers = _time_segments(request(eager_infer(reference), batch), args.iterations, args.warmup)
+    eager_totals, eager_infers = time_requests(eager_infer(reference), batch)
     add({"engine": "eager PyTorch (reference)", "kind": "eager", "backend": "pytorch", "precision": "fp32",
          "artifact": None, "box_ap_delta_points": 0.0 if refs else None,
          "mask_ap_delta_points": 0.0 if refs else None,
@@ -365,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         add({"engine": "torchvision stock ONNX (ORT, masks pasted in graph)", "kind": "stock",
              "backend": "onnxruntime", "precision": "fp32", "artifact": str(stock_path),
              "box_ap_delta_points": None, "mask_ap_delta_points": None},
-            _time(stock_once, args.iterations, args.warmup))
+            time_calls({"stock": stock_once}, args.iterations, args.warmup)["stock"])
 
     for item in plan:
         label = f"{item['backend']} {item['precision']}" if "backend" in item else str(item["artifact"])
@@ -388,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         row.update(engine=f"{m.backend} {m.precision} (this project)", backend=m.backend, precision=m.precision,
                    artifact=str(item["artifact"]))
         _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: timing ...")
-        totals, infers = _time_segments(request(engine.infer, engine.batch_size or 1), args.iterations, args.warmup)
+        totals, infers = time_requests(engine.infer, engine.batch_size or 1)
         if refs is not None:
-            same_model = all(m.checkpoint.get(k) == ref_checkpoint.get(k) for k in ("sha256", "random_init_seed"))
+            same_model = all(getattr(m.checkpoint, k) == getattr(ref_checkpoint, k) for k in ("sha256", "random_init_seed"))
             if same_model and (engine.batch_size or 1) == batch:
                 _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: AP on {len(ap_prepared)} image(s) ...")
                 engs, _ = run_detections(engine.infer, ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
@@ -405,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: ground-truth AP on {len(gt_ids)} image(s) ...")
             dets, _ = run_detections(engine.infer, gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
                                      mask_threshold=mask_threshold, warmup=0)
-            gt = _gt_scores(dets, gt_ids, args.gt_data, args.gt_split)
+            gt = _gt_scores(dets, gt_ids, coco)
             row.update(gt_box_ap=gt["box"], gt_mask_ap=gt["mask"], gt_box_ap_delta_points=gt_eager["box"] - gt["box"],
                        gt_mask_ap_delta_points=gt_eager["mask"] - gt["mask"])
         del engine
@@ -441,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
     if args.write_choice:
-        precisions = list(dict.fromkeys(r["precision"] for r in rows if r["kind"] == "engine" and r["precision"]))
-        random_init = ref_checkpoint.get("format") == "random-init"
-        choice, notes = choose_backends(rows, precisions, use_ap=not random_init)
+        random_init = ref_checkpoint.format == "random-init"
         reasons = []
         if random_init:
             reasons.append("random-init weights: AP deltas mean nothing, so no AP bound was applied")
@@ -459,37 +381,29 @@ def main(argv: list[str] | None = None) -> int:
                 versions[name] = __import__(name).__version__
             except ImportError:
                 pass
-        table = {
-            "measured": {
-                "quality": "smoke" if reasons else "full",
-                "quality_reasons": reasons,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": "python -m scripts.bench.build " + shlex.join(sys.argv[1:] if argv is None else argv),
-                "cpu": cpu_facts(),
-                "threads": threads,
-                "load_average_at_start": load_at_start,
-                "input_hw": list(rgb.shape[:2]),
-                "image": image_path.name,
-                "iterations": args.iterations,
-                "warmup": args.warmup,
-                "ap_images": len(ap_prepared) if ap_prepared else None,
-                "gt_images": len(gt_ids) if gt_ids else None,
-                "gt_data": args.gt_data,
-                "ap_bounds_points": {k: AP_BOUNDS[k] for k in precisions if k in AP_BOUNDS},
-                "checkpoint": {k: ref_checkpoint.get(k) for k in ("format", "source", "sha256")},
-                "versions": versions,
-                "statistic": "median seconds per request (host preprocess + infer + host postprocess) at input_hw; "
-                             "ratio_to_eager against eager PyTorch in the same run",
-                "notes": notes,
-                "rows": [{k: r.get(k) for k in ("backend", "precision", "median_s", "infer_median_s",
-                                                 "ratio_to_eager", "box_ap_delta_points", "mask_ap_delta_points",
-                                                 "gt_box_ap", "gt_mask_ap", "gt_box_ap_delta_points",
-                                                 "gt_mask_ap_delta_points", "skipped")} for r in rows],
-            },
-            "choice": choice,
+        measured = {
+            "quality": "smoke" if reasons else "full",
+            "quality_reasons": reasons,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m scripts.bench.build " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "cpu": cpu_facts(),
+            "threads": threads,
+            "load_average_at_start": load_at_start,
+            "input_hw": list(rgb.shape[:2]),
+            "image": image_path.name,
+            "iterations": args.iterations,
+            "warmup": args.warmup,
+            "ap_images": len(ap_prepared) if ap_prepared else None,
+            "gt_images": len(gt_ids) if gt_ids else None,
+            "gt_data": args.gt_data,
+            "checkpoint": ref_checkpoint.model_dump(include={"format", "source", "sha256"}),
+            "versions": versions,
+            "statistic": "median seconds per request (host preprocess + infer + host postprocess) at input_hw; "
+                         "ratio_to_eager against eager PyTorch in the same run",
         }
-        Path(args.write_choice).write_text(json.dumps(table, indent=2) + "\n")
-        print(f"wrote {args.write_choice} ({table['measured']['quality']}): "
+        table = write_backend_choice(args.write_choice, rows, measured, ap_bounds={} if random_init else AP_BOUNDS)
+        choice, notes = table["choice"], table["measured"]["notes"]
+        print(f"wrote {args.write_choice} ({measured['quality']}): "
               + (", ".join(f"{k} -> {v['backend']}" for k, v in choice.items()) or "no choice")
               + (f"; {'; '.join(notes)}" if notes else ""))
     return 0

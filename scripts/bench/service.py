@@ -7,7 +7,8 @@ posting the JPEG until ``--images`` answers came back (all must be 200).
 
 The two phases alternate for ``--rounds`` rounds, in turn going first (the server stays up, idle
 during the engine phase), so load from other processes on a shared machine hits both alike; each phase counts
-images over its own wall time, after one untimed warm-up. From the server's /metrics come the
+images over its own wall time (``scripts.tools.timing.time_calls``), after one untimed warm-up
+call of each. From the server's /metrics come the
 share of the service phase its engine was busy (near 100 % means the service keeps the engine
 saturated; this share does not move with outside load the way the ratio does) and per-stage
 means that show where the service's time goes.
@@ -21,40 +22,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import numpy as np
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from scripts.tools.photos import synthetic_photo
+from scripts.tools.timing import time_calls
+from scripts.tools.wait_ready import wait_ready
 from service.backends import Engine, load_engine
 from service.decode import decode_image
-from service.preprocess import InputSpec, pad_batch, prepare_image
+from service.preprocess import pad_batch, prepare_image
 from service.response import STAGES
 from service.settings import Settings
 
 GOAL = 0.95
-
-
-def synthetic_photo(h: int = 480, w: int = 640) -> bytes:
-    """A COCO-sized JPEG with smooth structure and noise (many proposals, realistic entropy)."""
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([128 + 100 * np.sin(x / 37), 128 + 100 * np.cos(y / 23), 128 + 80 * np.sin((x + y) / 51)], -1)
-    rgb = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 class EngineLoop:
@@ -64,7 +53,7 @@ class EngineLoop:
         self.engines: list[Engine] = [
             load_engine(engine_dir, threads=settings.threads_per_session) for _ in range(settings.workers)
         ]
-        spec = InputSpec.from_manifest_input(self.engines[0].manifest.input)
+        spec = self.engines[0].manifest.input.spec
         rgb = decode_image(image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side)
         self.batch_size = self.engines[0].batch_size or min(settings.max_batch_size, self.engines[0].manifest.max_batch_size)
         self.batch, self.sizes = pad_batch(
@@ -76,11 +65,9 @@ class EngineLoop:
     def images_per_call_round(self) -> int:
         return self.batch_size * len(self.engines)
 
-    def throughput(self, images: int) -> float:
-        calls = images // self.images_per_call_round()
-        started = time.perf_counter()
-        self._run_each(calls)
-        return calls * self.images_per_call_round() / (time.perf_counter() - started)
+    def run(self, images: int) -> None:
+        """``images`` images (whole call rounds), every session looping at once."""
+        self._run_each(images // self.images_per_call_round())
 
     def _run_each(self, calls: int) -> None:
         def loop(engine: Engine) -> None:
@@ -106,45 +93,51 @@ def running_service(engine_dir: Path, settings: Settings, concurrency: int) -> I
     server = subprocess.Popen(command)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while _status(base + "/readyz") != 200:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not become ready")
-            time.sleep(0.2)
+        wait_ready(base, alive=lambda: server.poll() is None, timeout_s=300, interval_s=0.2)
         yield base
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
 
 
-def service_throughput(base: str, image: bytes, images: int, concurrency: int, sessions: int) -> tuple[float, float]:
-    """Images per second answered by the service to ``concurrency`` closed-loop clients, and the
-    fraction of that time its ``sessions`` engine sessions were busy."""
+class ServiceLoad:
+    """``concurrency`` closed-loop HTTP clients posting the image to the service, on one event loop
+    and connection pool kept across phases; one untimed warm-up request at the start."""
 
-    async def run() -> tuple[float, float]:
+    def __init__(self, base: str, image: bytes, concurrency: int) -> None:
+        self.base, self.image, self.concurrency = base, image, concurrency
+        self.loop = asyncio.new_event_loop()
+        self.http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 1))
+        self.busy_s: list[float] = []  # per phase: seconds the engine spent on batches
+        self.loop.run_until_complete(self._post())
+
+    def run(self, images: int) -> None:
+        """Post ``images`` images; record the engine's busy seconds from /metrics around them."""
+        self.loop.run_until_complete(self._phase(images))
+
+    async def _phase(self, images: int) -> None:
         issued = 0
 
-        async def client(http: httpx.AsyncClient) -> None:
+        async def client() -> None:
             nonlocal issued
             while issued < images:
                 issued += 1
-                await post(http)
+                await self._post()
 
-        async def post(http: httpx.AsyncClient) -> None:
-            response = await http.post(base + "/predict", content=image, headers={"Content-Type": "image/jpeg"})
-            if response.status_code != 200:
-                raise RuntimeError(f"the service answered {response.status_code}: {response.text[:300]}")
+        before = engine_counters((await self.http.get(self.base + "/metrics")).text)
+        await asyncio.gather(*(client() for _ in range(self.concurrency)))
+        after = engine_counters((await self.http.get(self.base + "/metrics")).text)
+        self.busy_s.append(engine_busy_s(before, after))
 
-        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 1)) as http:
-            await post(http)  # warm-up
-            before = engine_counters((await http.get(base + "/metrics")).text)
-            started = time.perf_counter()
-            await asyncio.gather(*(client(http) for _ in range(concurrency)))
-            elapsed = time.perf_counter() - started
-            after = engine_counters((await http.get(base + "/metrics")).text)
-            return images / elapsed, engine_busy_s(before, after) / (elapsed * sessions)
+    async def _post(self) -> None:
+        response = await self.http.post(self.base + "/predict", content=self.image,
+                                        headers={"Content-Type": "image/jpeg"})
+        if response.status_code != 200:
+            raise RuntimeError(f"the service answered {response.status_code}: {response.text[:300]}")
 
-    return asyncio.run(run())
+    def close(self) -> None:
+        self.loop.run_until_complete(self.http.aclose())
+        self.loop.close()
 
 
 def _samples(metrics_text: str) -> dict[tuple[str, str], float]:
@@ -186,13 +179,6 @@ def engine_busy_s(before: tuple[float, float, float], after: tuple[float, float,
     return run_s * batches / images if images else 0.0
 
 
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url).status_code
-    except httpx.TransportError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, required=True, help="engine artifact folder")
@@ -216,20 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = args.concurrency or 2 * baseline.images_per_call_round() + 1
     print(f"{images} images per phase; batch {baseline.batch_size}, {settings.workers} session(s) x "
           f"{settings.threads_per_session} threads; {concurrency} HTTP clients on loopback")
-    engine_times, service_times = [], []
     with running_service(args.engine, settings, concurrency) as base:
-        for round_index in range(args.rounds):
-            if round_index % 2:  # alternate which phase goes first, so a drift in outside load cancels
-                service_rate, busy = service_throughput(base, image, images, concurrency, settings.workers)
-                engine_rate = baseline.throughput(images)
-            else:
-                engine_rate = baseline.throughput(images)
-                service_rate, busy = service_throughput(base, image, images, concurrency, settings.workers)
-            engine_times.append(images / engine_rate)
-            service_times.append(images / service_rate)
-            print(f"round {round_index + 1}: engine {engine_rate:.3f} images/s, service {service_rate:.3f} images/s "
-                  f"(engine busy {busy:.1%}), ratio {service_rate / engine_rate:.3f}")
+        load = ServiceLoad(base, image, concurrency)
+        try:
+            # alternate which phase goes first, so a drift in outside load cancels
+            seconds = time_calls({"engine": lambda: baseline.run(images), "service": lambda: load.run(images)},
+                                 args.rounds, alternate=True)
+        finally:
+            load.close()
         stages = stage_means_ms(httpx.get(base + "/metrics").text)
+    engine_times, service_times = seconds["engine"], seconds["service"]
+    for round_index, (engine_s, service_s, busy_s) in enumerate(zip(engine_times, service_times, load.busy_s)):
+        print(f"round {round_index + 1}: engine {images / engine_s:.3f} images/s, service {images / service_s:.3f} "
+              f"images/s (engine busy {busy_s / (service_s * settings.workers):.1%}), ratio {engine_s / service_s:.3f}")
     ratio = sum(engine_times) / sum(service_times)
     print("service stage means (ms per request): " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
     calls = args.rounds * images // baseline.images_per_call_round()  # per session

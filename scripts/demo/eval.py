@@ -1,38 +1,30 @@
 """`maskrcnn-demo eval`: COCO AP of a checkpoint on a COCO-layout split, the way the service sees it.
 
 The checkpoint is loaded through ``build_tools.checkpoint.load_checkpoint`` (eager PyTorch with the
-test settings of its origin) and every image goes through the service's own host code:
-``service.preprocess.prepare_image`` / ``pad_batch`` before the model and
-``service.postprocess.postprocess_image`` (boxes to original pixels, masks pasted and encoded as
-COCO RLE) after it, with the thresholds a manifest built from the same checkpoint would carry.
-The detections are written as a COCO results file by :func:`write_reference_results`: these are
-the reference results that engine evaluations are compared with.
+test settings of its origin) and every image goes through the service's own host code
+(``scripts.tools.eager``: preprocess and pad before the model; boxes to original pixels, masks
+pasted and encoded as COCO RLE after it), with the thresholds a manifest built from the same
+checkpoint would carry. The detections are written as a COCO results file by
+:func:`write_reference_results`: these are the reference results that engine evaluations are
+compared with. Scores come from ``build_tools.coco_eval``, as ``maskrcnn-eval``'s do.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
 from build_tools.checkpoint import CheckpointError, load_checkpoint
+from build_tools.coco_eval import evaluate, load_coco
 from build_tools.model import MaskRCNN
-from build_tools.verify import read_rgb, run_eager
-from service.manifest import COCO_CATEGORY_IDS
-from service.postprocess import postprocess_image
-from service.preprocess import InputSpec, pad_batch, prepare_image
-from service.response import coco_body
+from scripts.tools.eager import write_eager_results
 
-# The first three of pycocotools' twelve summary numbers.
+# The first three of pycocotools' twelve summary numbers, printed per IoU type.
 SUMMARY_NAMES = ("AP", "AP50", "AP75")
 
 
@@ -51,11 +43,6 @@ def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     return annotations, images
 
 
-def _quiet_coco(annotation_file: Path) -> COCO:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
-
-
 def write_reference_results(
     model: MaskRCNN,
     data_dir: str | Path,
@@ -65,68 +52,13 @@ def write_reference_results(
     progress: bool = True,
 ) -> list[int]:
     """Run ``model`` on the images of ``split`` (the first ``limit`` by image id, or all) through the
-    service's host preprocessing and postprocessing; write a COCO results JSON.
-
-    Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation": RLE}``
-    in original-image pixels, ``bbox`` and ``segmentation`` as the service's ``format=coco`` answers
-    carry them. Score threshold, mask threshold and detections per image are the model config's
-    (what the manifest's ``postprocess`` section records). Returns the evaluated image ids.
-    """
+    service's host preprocessing and postprocessing; write a COCO results JSON
+    (``scripts.tools.eager.write_eager_results``). Returns the evaluated image ids."""
     annotation_file, image_dir = split_paths(data_dir, split)
-    coco = _quiet_coco(annotation_file)
+    coco = load_coco(annotation_file)
     image_ids = sorted(coco.getImgIds())[:limit] if limit else sorted(coco.getImgIds())
-    config = model.config
-    spec = InputSpec(mean=config.mean, std=config.std, resize_scale=config.resize_scale,
-                     pad_divisor=config.pad_divisor)
-    model.eval()
-    results = []
-    for image_id in tqdm(image_ids, desc=f"eval {split}", unit="img", disable=not progress):
-        prepared = prepare_image(read_rgb(image_dir / coco.imgs[image_id]["file_name"]), spec)
-        images, image_sizes = pad_batch([prepared], spec.pad_divisor)
-        outputs = run_eager(model, images, image_sizes)
-        detections = postprocess_image(
-            outputs["dets"][0], outputs["labels"][0], outputs["masks"][0], prepared.scale_factor,
-            prepared.orig_hw, score_threshold=config.score_thresh, mask_threshold=config.mask_threshold,
-            max_detections=config.detections_per_img,
-        )
-        results += coco_body(
-            detections.boxes.tolist(), detections.scores.tolist(),
-            [COCO_CATEGORY_IDS[label] for label in detections.labels], detections.rles, image_id,
-        )
-    out_json = Path(out_json)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results))
+    write_eager_results(model, coco, image_dir, image_ids, Path(out_json), progress=progress)
     return image_ids
-
-
-def coco_ap(
-    data_dir: str | Path, split: str, results_json: str | Path, image_ids: Sequence[int] | None = None,
-    verbose: bool = True,
-) -> dict[str, dict[str, float]]:
-    """pycocotools bbox and segm evaluation of ``results_json`` on ``image_ids`` of ``split`` (all
-    when None). Prints pycocotools' summaries when ``verbose``; returns
-    ``{"bbox": {"AP", "AP50", "AP75"}, "segm": {...}}``."""
-    annotation_file, _ = split_paths(data_dir, split)
-    ground_truth = _quiet_coco(annotation_file)
-    results = json.loads(Path(results_json).read_text())
-    scores: dict[str, dict[str, float]] = {}
-    chatter = io.StringIO()
-    for iou_type in ("bbox", "segm"):
-        if not results:
-            scores[iou_type] = dict.fromkeys(SUMMARY_NAMES, 0.0)
-            continue
-        with contextlib.redirect_stdout(chatter):
-            detections = ground_truth.loadRes(results)
-        evaluator = COCOeval(ground_truth, detections, iou_type)
-        if image_ids is not None:
-            evaluator.params.imgIds = list(image_ids)
-        with contextlib.nullcontext() if verbose else contextlib.redirect_stdout(chatter):
-            print(f"--- {iou_type} ---")
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        scores[iou_type] = dict(zip(SUMMARY_NAMES, (float(v) for v in evaluator.stats[:3])))
-    return scores
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -158,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, EvalError) as error:
         parser.error(str(error))
     seconds = time.perf_counter() - started
-    scores = coco_ap(args.data, args.split, results, image_ids)
+    annotation_file, _ = split_paths(args.data, args.split)
+    scores = evaluate(load_coco(annotation_file), json.loads(results.read_text()), image_ids, verbose=True)
     print(f"{len(image_ids)} images of {args.data}/{args.split} in {seconds:.0f}s "
           f"({loaded.format} checkpoint {checkpoint}); results: {results}")
     for iou_type, values in scores.items():
-        print(f"{iou_type}: " + " ".join(f"{name} {value:.3f}" for name, value in values.items()))
+        print(f"{iou_type}: " + " ".join(f"{name} {values[name]:.3f}" for name in SUMMARY_NAMES))
     return 0
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import io
 import math
 import os
 import signal
@@ -55,11 +54,12 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.resnet import Bottleneck
 from tqdm import tqdm
 
+from build_tools import coco_eval
 from build_tools.checkpoint import save_mmdet_checkpoint
+from build_tools.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from build_tools.images import read_rgb
 from build_tools.model import InferenceConfig, MaskRCNN, build_model
-from build_tools.verify import read_rgb
-from service.manifest import COCO_CATEGORY_IDS, COCO_CLASSES
-from service.preprocess import InputSpec, prepare_image
+from service.preprocess import prepare_image
 
 ORIGIN = "mmdet"
 LOSS_NAMES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -157,18 +157,11 @@ def internal_label_of_category(config: InferenceConfig) -> dict[int, int]:
     return {COCO_CATEGORY_IDS[c]: label for label, c in enumerate(config.label_to_class) if c >= 0}
 
 
-def input_spec(config: InferenceConfig) -> InputSpec:
-    """The host preprocessing of ``config``: what the service does to every request image."""
-    return InputSpec(mean=config.mean, std=config.std, resize_scale=config.resize_scale,
-                     pad_divisor=config.pad_divisor)
-
-
 def load_coco(annotation_file: Path) -> COCO:
     """A pycocotools index of ``annotation_file``, without its chatter on stdout."""
     if not annotation_file.is_file():
         raise TrainError(f"annotation file {annotation_file} not found (make data with `maskrcnn-demo data`)")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(annotation_file))
+    return coco_eval.load_coco(annotation_file)
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:
@@ -206,7 +199,7 @@ class TrainingCrops:
         self.image_ids = sorted(self.coco.getImgIds())
         if not self.image_ids:
             raise TrainError(f"{data_dir} split {split!r} has no images")
-        self.spec = input_spec(config)
+        self.spec = config.input_spec()
         self.label_of = internal_label_of_category(config)
         self.settings = settings
 

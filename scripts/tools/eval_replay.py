@@ -17,8 +17,8 @@ Failures: transport errors and 429/500/502/503/504 answers are retried with expo
 (Retry-After honoured); an image that still fails, or gets any other error answer, is listed by
 image id, nothing is written to ``--out`` and the exit status is 1. Rerun to retry just those.
 
-``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.demo.eval``'s reference
-writer: the service's own host pre/postprocessing around the model). SOURCE is a checkpoint
+``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.tools.eager``: the service's
+own host pre/postprocessing around the model). SOURCE is a checkpoint
 (file or published name) or an engine artifact folder, whose manifest names the checkpoint and
 inference config it was built from. These are the reference results a service run is compared with.
 """
@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,16 +43,16 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from build_tools.coco_eval import IOU_TYPES, STAT_NAMES, evaluate, load_coco
+from scripts.tools.eager import EagerReferenceError, eager_model, write_eager_results
 from scripts.tools.http import (
     RETRYABLE_STATUSES,
     RetryableFailure,
     RetryPolicy,
     UnknownImageType,
-    describe_error_answer,
     image_headers,
 )
-from scripts.tools.perf import PerfError
 from scripts.tools.timing import latency_summary
+from service.client import AnswerError
 
 AP_NAMES = STAT_NAMES[:6]
 EXIT_FAILURES = 1
@@ -230,7 +228,7 @@ class Replay:
         latency_s = time.perf_counter() - started
         if response.status_code == 200:
             return Finished(self._coco_entries(response, image_id), latency_s)
-        reason = f"{url}: {describe_error_answer(response)}"
+        reason = f"{url}: {AnswerError.from_response(response)}"
         if response.status_code in RETRYABLE_STATUSES:
             raise RetryableFailure(reason, response.headers.get("Retry-After"))
         raise ImageFailed(reason)
@@ -302,53 +300,21 @@ async def replay_dataset(
 # --- eager reference ----------------------------------------------------------------------------
 
 
-def eager_model(source: str, score_threshold: float | None):
-    """The eager model of ``source``: an engine artifact folder (the model it was built from) or a
-    checkpoint file or published name (its origin's test settings)."""
-    from service.manifest import MANIFEST_NAME, Manifest
+def eager_replay(source: str, dataset: Dataset, out: Path, *, score_threshold: float | None,
+                 threads: int | None, progress: bool) -> float:
+    """Run the eager model of ``source`` over the dataset's images; write the results JSON. Returns
+    seconds taken (the model's loading not counted).
 
-    if (Path(source) / MANIFEST_NAME).is_file():
-        from scripts.tools.perf import eager_reference
-
-        return eager_reference(Manifest.load(source), score_threshold)
-    from build_tools.checkpoint import CheckpointError, load_checkpoint
-
-    overrides = {} if score_threshold is None else {"score_thresh": score_threshold}
-    try:
-        return load_checkpoint(source, **overrides).model
-    except (CheckpointError, OSError) as error:
-        raise EvalError(f"cannot load checkpoint {source}: {error}") from error
-
-
-@contextlib.contextmanager
-def split_layout(dataset: Dataset) -> Iterator[tuple[Path, str]]:
-    """``(data_dir, split)`` such that ``data_dir/annotations/instances_<split>.json`` and
-    ``data_dir/<split>/`` are the dataset's files (``scripts.demo.eval``'s layout): the dataset's
-    own folders when they are laid out so, else symbolic links in a temporary folder."""
-    split = dataset.images.name
-    if dataset.annotations.resolve() == (dataset.images.parent / "annotations" / f"instances_{split}.json").resolve():
-        yield dataset.images.parent, split
-        return
-    with tempfile.TemporaryDirectory(prefix="maskrcnn-eval-") as tmp:
-        (Path(tmp) / "annotations").mkdir()
-        (Path(tmp) / "annotations" / "instances_eval.json").symlink_to(dataset.annotations.resolve())
-        (Path(tmp) / "eval").symlink_to(dataset.images.resolve(), target_is_directory=True)
-        yield Path(tmp), "eval"
-
-
-def write_eager_results(source: str, dataset: Dataset, out: Path, *, score_threshold: float | None,
-                        threads: int | None, progress: bool) -> float:
-    """Run the eager model over the dataset's images; write the results JSON. Returns seconds taken."""
+    Raises:
+        EagerReferenceError: the model cannot be loaded.
+    """
     import torch
-
-    from scripts.demo.eval import write_reference_results
 
     if threads is not None:
         torch.set_num_threads(threads)
     model = eager_model(source, score_threshold)
     started = time.perf_counter()
-    with split_layout(dataset) as (data_dir, split):
-        write_reference_results(model, data_dir, split, out, limit=len(dataset.image_ids), progress=progress)
+    write_eager_results(model, dataset.coco, dataset.images, dataset.image_ids, out, progress=progress)
     return time.perf_counter() - started
 
 
@@ -425,8 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = read_results(args.reference_results) if args.reference_results else None
         if args.eager:
             latencies: list[float] = []
-            wall_s = write_eager_results(args.eager, dataset, args.out, score_threshold=args.score_threshold,
-                                         threads=args.threads, progress=not args.no_progress)
+            wall_s = eager_replay(args.eager, dataset, args.out, score_threshold=args.score_threshold,
+                                  threads=args.threads, progress=not args.no_progress)
             results, sent = read_results(args.out), len(dataset.image_ids)
         else:
             urls = [u.rstrip("/").removesuffix("/predict") for u in args.url]
@@ -439,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             latencies = [finished[i].latency_s for i in dataset.image_ids if finished[i].latency_s is not None]
             wall_s, sent = outcome.wall_s, outcome.sent
             write_json_atomically(args.out, results)
-    except (EvalError, PerfError) as error:
+    except (EvalError, EagerReferenceError) as error:
         parser.error(str(error))
 
     print(f"{len(dataset.image_ids)} images of {args.ann}: {len(results)} detections written to {args.out}")

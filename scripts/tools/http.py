@@ -1,36 +1,31 @@
-"""What the CLIs that talk to the service over HTTP share: request headers, retries, error answers.
+"""What the CLIs that talk to the service over HTTP share: request headers and retries.
 
-Retries use tenacity (waits, attempt counting and re-raising the last failure are its job); the
-policy that decides what is retried and how long to wait is :class:`RetryPolicy`.
+Image types, the deadline header and error answers are the package client's (``service.client``). Retries use
+tenacity (waits, attempt counting and re-raising the last failure are its job); the policy that
+decides what is retried and how long to wait is :class:`RetryPolicy`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
 
+from service.client import (
+    MAX_TIMEOUT_MS,
+    TIMEOUT_HEADER,
+    UnknownImageType,
+    image_content_type,
+)
+
+# eval replay retries server errors too (a replica restarting behind a load balancer), not only the
+# "try again later" answers the client library retries
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-TIMEOUT_HEADER = "X-Request-Timeout-Ms"  # the service's per-request deadline
-MAX_TIMEOUT_MS = 3_600_000  # the largest deadline the service accepts
-
-
-class UnknownImageType(ValueError):
-    """Bytes that are not a JPEG, PNG, WebP or BMP file (the types the service accepts)."""
-
-
-def image_content_type(data: bytes) -> str | None:
-    """The Content-Type the service accepts for these image bytes, from their signature; None if unknown."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    if data.startswith(b"BM"):
-        return "image/bmp"
-    return None
 
 
 def image_headers(body: bytes, timeout_s: float) -> dict[str, str]:
@@ -44,15 +39,6 @@ def image_headers(body: bytes, timeout_s: float) -> dict[str, str]:
     if content_type is None:
         raise UnknownImageType("not a JPEG, PNG, WebP or BMP file")
     return {"Content-Type": content_type, TIMEOUT_HEADER: str(min(int(timeout_s * 1000), MAX_TIMEOUT_MS))}
-
-
-def describe_error_answer(response: httpx.Response) -> str:
-    """``HTTP 503 overloaded: message`` from the service's error body (or the raw text)."""
-    try:
-        error = response.json()["error"]
-        return f"HTTP {response.status_code} {error['code']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
 
 
 class RetryableFailure(Exception):

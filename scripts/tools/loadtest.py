@@ -14,12 +14,14 @@ deadline no request is started and those in flight are cancelled (counted as can
 errors). Each phase prints its p50/p90/p99 latency of 200 answers, throughput (200 answers per
 second of phase) and its other answers by status (transport failures by exception name).
 
-``--server-pid PID`` samples the server's resident memory (``VmRSS`` in /proc/PID/status) every
-``--rss-interval`` seconds over the whole run; ``--soak`` then compares the mean of the last third
-of the samples with the first third and exits 1 when it grew by more than ``--max-rss-growth``.
+The server's resident memory is sampled every ``--rss-interval`` seconds over the whole run, from
+its own ``/metrics`` (``process_resident_memory_bytes``), so it works for a server in a container
+or on another machine (behind a load balancer each sample is of the replica that answered it);
+``--soak`` then compares the mean of the last third of the samples with the first third and exits
+1 when it grew by more than ``--max-rss-growth``.
 
     maskrcnn-loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4 --rate 0.5 --requests 20 \\
-        --duration 60 --server-pid "$(pgrep -f 'maskrcnn-serve')"
+        --duration 60 --soak
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ from urllib.parse import parse_qsl
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
-from scripts.bench.service import synthetic_photo
-from scripts.tools.eval_replay import image_content_type
-from scripts.tools.perf import latency_summary
+from scripts.tools.http import UnknownImageType, image_headers
+from scripts.tools.photos import synthetic_photo
+from scripts.tools.timing import latency_summary
+
+RSS_METRIC = "process_resident_memory_bytes"  # prometheus_client's process collector
 
 EXIT_SOAK_FAILED = 1
 
@@ -156,44 +161,51 @@ async def open_loop(sender: Sender, rate: float, requests: int, duration_s: floa
     return phase
 
 
-def read_rss_kib(pid: int) -> int:
-    """Resident memory of process ``pid`` in KiB (``VmRSS`` of /proc/PID/status).
-
-    Raises:
-        LoadTestError: no such process, or one without user memory.
-    """
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError as error:
-        raise LoadTestError(f"cannot read the memory of process {pid}: {error}") from error
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise LoadTestError(f"process {pid} reports no VmRSS (a kernel thread?)")
+def rss_kib(metrics_text: str) -> int | None:
+    """The server's resident memory in KiB from a ``/metrics`` body (``process_resident_memory_bytes``),
+    or None when the body has no such sample."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == RSS_METRIC:
+                return int(sample.value) // 1024
+    return None
 
 
 @dataclass
 class RssMonitor:
-    """Samples a process's RSS, every ``interval_s`` while :meth:`run` runs."""
+    """Samples the server's RSS from its ``/metrics`` every ``interval_s`` while :meth:`run` runs."""
 
-    pid: int
+    client: httpx.AsyncClient
+    url: str  # the service's base URL
     interval_s: float
     samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, KiB)
     lost: str | None = None  # why sampling stopped early
     _started: float = field(default_factory=time.perf_counter)
 
-    def sample(self) -> bool:
-        """Take one sample; False once the process cannot be read (``lost`` says why)."""
+    @property
+    def source(self) -> str:
+        return self.url + "/metrics"
+
+    async def sample(self) -> bool:
+        """Take one sample; False once the server's memory cannot be read (``lost`` says why)."""
         if self.lost is None:
             try:
-                self.samples.append((time.perf_counter() - self._started, read_rss_kib(self.pid)))
-            except LoadTestError as error:
-                self.lost = str(error)
+                response = await self.client.get(self.source)
+                kib = rss_kib(response.text) if response.status_code == 200 else None
+            except httpx.TransportError as error:
+                self.lost = f"{self.source}: {type(error).__name__}: {error}"
+            else:
+                if kib is None:
+                    self.lost = f"{self.source} answered {response.status_code} without {RSS_METRIC}"
+                else:
+                    self.samples.append((time.perf_counter() - self._started, kib))
         return self.lost is None
 
     async def run(self) -> None:
-        while self.sample():
+        """Sample every ``interval_s`` (after the first sample, taken by the caller) until cancelled or lost."""
+        while self.lost is None:
             await asyncio.sleep(self.interval_s)
+            await self.sample()
 
 
 def rss_growth(samples_kib: Sequence[float]) -> float:
@@ -214,7 +226,7 @@ def format_rss(samples: list[tuple[float, int]], points: int = 10) -> str:
     """``server RSS (MiB) over time`` with at most ``points`` evenly spaced samples."""
     picked = [samples[round(i)] for i in np.linspace(0, len(samples) - 1, min(points, len(samples)))]
     mib = [kib / 1024 for _, kib in samples]
-    return (f"server RSS (MiB) over time: " + ", ".join(f"{t:.0f}s {kib / 1024:.1f}" for t, kib in picked)
+    return ("server RSS (MiB) over time: " + ", ".join(f"{t:.0f}s {kib / 1024:.1f}" for t, kib in picked)
             + f"  (min {min(mib):.1f}, max {max(mib):.1f}, {len(samples)} samples)")
 
 
@@ -242,18 +254,23 @@ class Plan:
     duration_s: float
     arrivals: str = "poisson"
     timeout_s: float = 300.0
-    server_pid: int | None = None
     rss_interval_s: float = 1.0
+    require_rss: bool = False  # refuse a server whose /metrics has no RSS (a soak test needs it)
     seed: int = 0
 
 
 async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
-    """Run every phase in order (closed loops, then open loops), sampling RSS throughout."""
-    content_type = image_content_type(plan.body)
-    if content_type is None:
-        raise LoadTestError("the image is not a JPEG, PNG, WebP or BMP file")
-    headers = {"Content-Type": content_type, "X-Request-Timeout-Ms": str(int(plan.timeout_s * 1000))}
-    monitor = RssMonitor(plan.server_pid, plan.rss_interval_s) if plan.server_pid is not None else None
+    """Run every phase in order (closed loops, then open loops), sampling RSS throughout (None
+    when the server's /metrics does not carry it).
+
+    Raises:
+        LoadTestError: no ready service at the URL, an image of an unknown type, or no RSS in
+            /metrics when ``plan.require_rss``.
+    """
+    try:
+        headers = image_headers(plan.body, plan.timeout_s)
+    except UnknownImageType as error:
+        raise LoadTestError(f"the image is {error}") from None
     phases = []
     async with httpx.AsyncClient(timeout=plan.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
         try:
@@ -262,6 +279,12 @@ async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
             raise LoadTestError(f"no service at {plan.url}: {type(error).__name__}: {error}") from error
         if ready.status_code != 200:
             raise LoadTestError(f"the service at {plan.url} is not ready: /readyz answered {ready.status_code}")
+        monitor: RssMonitor | None = RssMonitor(client, plan.url, plan.rss_interval_s)
+        if not await monitor.sample():
+            if plan.require_rss:
+                raise LoadTestError(f"cannot watch the server's memory: {monitor.lost}")
+            print(f"no server RSS: {monitor.lost}", file=sys.stderr)
+            monitor = None
         sender = Sender(client, plan.url, plan.body, headers, plan.params)
         sampling = asyncio.create_task(monitor.run()) if monitor else None
         rng = np.random.default_rng(plan.seed)
@@ -274,7 +297,7 @@ async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
             if sampling:
                 sampling.cancel()
                 await asyncio.gather(sampling, return_exceptions=True)
-                monitor.sample()  # the memory at the end of the last phase
+                await monitor.sample()  # the memory at the end of the last phase
     return phases, monitor
 
 
@@ -303,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=20, help="most requests started per phase (default 20)")
     parser.add_argument("--duration", type=float, default=60.0, help="most seconds per phase (default 60)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
-    parser.add_argument("--server-pid", type=int, default=None, help="sample this process's RSS (the server's)")
-    parser.add_argument("--rss-interval", type=float, default=1.0, help="seconds between RSS samples (default 1)")
+    parser.add_argument("--rss-interval", type=float, default=1.0,
+                        help="seconds between samples of the server's RSS from its /metrics (default 1)")
     parser.add_argument("--soak", action="store_true",
                         help="fail (exit 1) when RSS grows more than --max-rss-growth from the first to the last third")
     parser.add_argument("--max-rss-growth", type=float, default=0.10,
@@ -320,8 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.duration <= 0 or args.timeout <= 0 or args.rss_interval <= 0:
         parser.error("--requests must be >= 1 and --duration, --timeout, --rss-interval > 0")
-    if args.soak and args.server_pid is None:
-        parser.error("--soak needs --server-pid PID (the server whose memory to watch)")
     try:
         plan = Plan(
             url=args.url.rstrip("/").removesuffix("/predict"),
@@ -329,10 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             params=dict(parse_qsl(args.query, strict_parsing=bool(args.query))),
             concurrency=args.concurrency if args.concurrency is not None else ([] if args.rate else [1]),
             rates=args.rate, requests=args.requests, duration_s=args.duration, arrivals=args.arrivals,
-            timeout_s=args.timeout, server_pid=args.server_pid, rss_interval_s=args.rss_interval, seed=args.seed,
+            timeout_s=args.timeout, rss_interval_s=args.rss_interval, require_rss=args.soak, seed=args.seed,
         )
-        if plan.server_pid is not None:
-            read_rss_kib(plan.server_pid)
         phases, monitor = asyncio.run(run_plan(plan))
     except (LoadTestError, OSError, ValueError) as error:
         parser.error(str(error))
@@ -342,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "duration_s": plan.duration_s, "phases": [p.summary() for p in phases], "rss": None}
     status = 0
     if monitor is not None:
-        rss: dict[str, Any] = {"pid": monitor.pid, "samples": monitor.samples, "lost": monitor.lost}
+        rss: dict[str, Any] = {"source": monitor.source, "samples": monitor.samples, "lost": monitor.lost}
         report["rss"] = rss
         if monitor.samples:
             print(format_rss(monitor.samples))

@@ -25,35 +25,16 @@ from typing import Any
 import cv2
 import numpy as np
 
+from scripts.tools.eager import EagerReferenceError, eager_reference
 from scripts.tools.photos import synthetic_photo
 from scripts.tools.timing import latency_summary, time_calls
 from service.backends import load_engine
 from service.manifest import Manifest, ManifestError
 from service.preprocess import InputSpec, pad_batch, prepare_image
 
+
 class PerfError(Exception):
     """A run that cannot be carried out as asked (the CLI reports it as a usage error, status 2)."""
-
-
-class EagerReferenceError(PerfError):
-    """The eager model an artifact was built from cannot be loaded."""
-
-
-def eager_reference(manifest: Manifest, score_threshold: float | None = None):
-    """The eager PyTorch model (``build_tools.model.MaskRCNN``) an artifact was built from, with
-    the inference config its manifest records (``score_threshold`` replaces the graph's).
-
-    Raises:
-        EagerReferenceError: the checkpoint is gone or changed since the build.
-    """
-    from build_tools.checkpoint import CheckpointError
-    from build_tools.pipeline import BuildError
-    from build_tools.reference import reference_for_manifest
-
-    try:
-        return reference_for_manifest(manifest, score_threshold=score_threshold).model
-    except (CheckpointError, BuildError) as error:
-        raise EagerReferenceError(f"the engine's eager reference cannot be loaded: {error}") from error
 
 
 def synthetic_batch(spec: InputSpec, batch_size: int, hw: tuple[int, int],
@@ -175,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = measure(args.engine, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
                          threads=args.threads, height=args.height, width=args.width, baseline=args.baseline)
-    except (PerfError, ManifestError) as error:
+    except (PerfError, EagerReferenceError, ManifestError) as error:
         parser.error(str(error))
     print(format_report(report))
     if args.json:

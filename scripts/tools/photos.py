@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from build_tools.images import list_images, sample_photographs
-
 
 def synthetic_photo(h: int = 480, w: int = 640) -> bytes:
     """A COCO-sized JPEG (``h`` x ``w`` pixels, quality 90) with smooth colour structure and noise:
@@ -29,6 +27,10 @@ def sample_photo(name: str) -> Path:
     Raises:
         FileNotFoundError: it is not among ``build_tools.images.sample_photographs()``.
     """
+    from build_tools.images import (
+        sample_photographs,  # late: build_tools needs torch, the HTTP tools do not
+    )
+
     for path in sample_photographs():
         if path.name == name:
             return path
@@ -38,5 +40,10 @@ def sample_photo(name: str) -> Path:
 def photo_paths(folder: str | Path | None, count: int) -> list[Path]:
     """``count`` image files, cycled: those of ``folder`` (sorted by name), else scikit-image's sample
     photographs."""
+    from build_tools.images import (  # late: build_tools needs torch, the HTTP tools do not
+        list_images,
+        sample_photographs,
+    )
+
     paths = list_images(folder) if folder else sample_photographs()
     return [paths[i % len(paths)] for i in range(count)]

@@ -470,11 +470,3 @@ def test_dockerfiles_take_the_base_image_as_argument_and_copy_what_exists(docker
             if line.startswith("COPY ") and "--from=" not in line:
                 for source in line.split()[1:-1]:
                     assert (ROOT / source).exists(), f"{dockerfile}: COPY {source} does not exist"
-
-
-@pytest.mark.parametrize("script", ["scripts/docker_check.sh", "docker/build-engine.sh"])
-def test_shell_scripts_parse(script):
-    shell = "bash" if script.endswith("docker_check.sh") else "sh"
-    result = subprocess.run([shell, "-n", str(ROOT / script)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert (ROOT / script).stat().st_mode & 0o111, f"{script} is not executable"

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from build_tools.checkpoint import load_checkpoint
+from build_tools.classes import COCO_CATEGORY_IDS
+from build_tools.coco_eval import evaluate, load_coco
 from build_tools.model import InferenceConfig
 from scripts.demo import cli as demo_cli
 from scripts.demo.data import GenerationSettings, write_dataset
-from scripts.demo.eval import coco_ap, write_reference_results
+from scripts.demo.eval import write_reference_results
 from scripts.demo.train import (
     LOSS_NAMES,
     StopRequest,
@@ -32,7 +34,6 @@ from scripts.demo.train import (
     train,
     training_losses,
 )
-from service.manifest import COCO_CATEGORY_IDS
 
 TINY = replace(TrainSettings(), iterations=4, batch_size=2, crop=128, lr=3e-4, warmup=1, save_every=2,
                roi_samples=64, bn_calibration_batches=2, precision="fp32")
@@ -166,5 +167,5 @@ def test_reference_results_go_through_the_service_postprocess(dataset: Path, str
         assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height
     scores = [r["score"] for r in results]
     assert scores == sorted(scores, reverse=True)
-    ap = coco_ap(dataset, "val", results_path, image_ids, verbose=False)
+    ap = evaluate(load_coco(dataset / "annotations" / "instances_val.json"), results, image_ids)
     assert set(ap) == {"bbox", "segm"} and all(-1 <= v <= 1 for s in ap.values() for v in s.values())

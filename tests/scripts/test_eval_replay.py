@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,20 +19,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pycocotools.coco import COCO
 
+from live_server import LiveServer, free_port, serving
 from scripts.demo.data import write_dataset
-from scripts.tools.eval_replay import EvalError, Finished, ImageFailed, ProgressLog, Replay, RetryPolicy, main
+from scripts.tools.eval_replay import (
+    EvalError,
+    Finished,
+    ImageFailed,
+    ProgressLog,
+    Replay,
+    main,
+)
+from scripts.tools.http import RetryPolicy
 
 BIN = Path(sys.executable).parent
 IMAGES = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,66 +48,17 @@ def dataset_args(dataset: dict[str, Path]) -> list[str]:
     return ["--ann", str(dataset["ann"]), "--images", str(dataset["images"])]
 
 
-class Server:
-    """``maskrcnn-serve`` in a subprocess on a free loopback port."""
-
-    def __init__(self, engine_dir: Path, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = log
-        self.process = subprocess.Popen(
-            [str(BIN / "maskrcnn-serve"), "--engine", str(engine_dir), "--port", self.url.rsplit(":", 1)[1],
-             "--request-timeout-ms", "600000", "--log-level", "warning"],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float = 300) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(self.url + "/readyz").status_code == 200:
-                    return
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"maskrcnn-serve did not become ready:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples called ``name`` whose labels include ``labels``."""
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(httpx.get(self.url + "/metrics").text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def predict_requests(self) -> float:
-        return self.metric("maskrcnn_requests_total", endpoint="/predict")
-
-    def wait_idle(self, timeout_s: float = 120) -> None:
-        """Until no /predict request is in flight or queued (an abandoned one still runs to the end)."""
-        deadline = time.monotonic() + timeout_s
-        while self.metric("maskrcnn_requests_in_flight") or self.metric("maskrcnn_queue_depth"):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server stayed busy")
-            time.sleep(0.2)
-        time.sleep(0.5)  # the request counter is bumped just after the handler returns
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 @pytest.fixture(scope="module")
-def server(engine_dir, tmp_path_factory) -> Iterator[Server]:
-    live = Server(engine_dir, tmp_path_factory.mktemp("server") / "server.log")
-    try:
-        live.wait_ready()
+def server(engine_dir, tmp_path_factory) -> Iterator[LiveServer]:
+    """``maskrcnn-serve`` in a subprocess (the eval replay is killed and resumed against it)."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with serving(engine_dir=engine_dir, args=["--request-timeout-ms", "600000", "--log-level", "warning"],
+                 log=log) as live:
         yield live
-    finally:
-        live.stop()
+
+
+def predict_requests(server: LiveServer) -> float:
+    return server.metric("maskrcnn_requests_total", endpoint="/predict")
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +100,11 @@ def test_results_file_loads_in_pycocotools_and_summaries_print(full_run, dataset
 
 @pytest.mark.slow
 def test_rerun_sends_nothing_and_reference_deltas_print(full_run, server, dataset, capsys):
-    before = server.predict_requests()
+    before = predict_requests(server)
     status = main([*dataset_args(dataset), "--url", server.url, "--out", str(full_run["out"]), "--no-progress",
                    "--reference-results", str(full_run["out"])])
     assert status == 0
-    assert server.predict_requests() == before  # every image was already answered
+    assert predict_requests(server) == before  # every image was already answered
     out = capsys.readouterr()
     assert "resuming: 3 of 3 images already answered" in out.err
     assert "AP differences (this run - reference" in out.out
@@ -176,12 +127,12 @@ def test_killed_run_resumes_without_resending_finished_images(full_run, server, 
     run.wait()
     assert not out.exists()
     server.wait_idle()
-    before = server.predict_requests()
+    before = predict_requests(server)
 
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming: 1 of 2 images already answered" in resumed.stderr
-    assert server.predict_requests() - before == 1  # only the unfinished image was sent again
+    assert predict_requests(server) - before == 1  # only the unfinished image was sent again
     recorded = [json.loads(line)["image_id"] for line in progress.read_text().splitlines()[1:]]
     assert sorted(recorded) == [1, 2]
     uninterrupted = [r for r in coco_results(full_run["out"]) if r["image_id"] in (1, 2)]

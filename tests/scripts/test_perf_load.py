@@ -9,40 +9,22 @@ each request cost seconds here. perf needs the real engine (marked slow), except
 from __future__ import annotations
 
 import json
-import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
-import uvicorn
+
+from conftest import minimal_manifest
+from live_server import serving
 
 from scripts.tools import loadtest, perf
-from service.app import create_app
 from service.manifest import Manifest
-from service.preprocess import InputSpec
 from service.settings import Settings
 
 INFER_S = 0.02
-
-
-def fixed_batch_manifest(folder: Path, batch_size: int = 1) -> Manifest:
-    """A manifest (saved in ``folder`` with a placeholder model file) of a fixed-batch graph."""
-    manifest = Manifest(
-        backend="onnxruntime", precision="fp32", model_file="model.onnx", origin="random-init",
-        input=InputSpec().to_manifest_input(),
-        shape_profile={"batch": {"mutable": False, "size": batch_size}, "min_hw": [32, 32], "opt_hw": [800, 1344],
-                       "max_hw": [1344, 1344]},
-        outputs={}, postprocess={"score_threshold": 0.05, "mask_threshold": 0.5, "max_detections": 100, "paste": "mmdet"},
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.onnx").write_bytes(b"")
-    manifest.save(folder)
-    return manifest
 
 
 class OneBoxEngine:
@@ -58,7 +40,7 @@ class OneBoxEngine:
 
     def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         time.sleep(self.delay_s)
-        b, n = images.shape[0], self.manifest.postprocess["max_detections"]
+        b, n = images.shape[0], self.manifest.postprocess.max_detections
         dets, labels = np.zeros((b, n, 5), np.float32), np.full((b, n), -1, np.int64)
         masks = np.zeros((b, n, 28, 28), np.float32)
         dets[:, 0], labels[:, 0], masks[:, 0] = (8, 8, 64, 64, 0.9), 0, 1.0
@@ -68,28 +50,9 @@ class OneBoxEngine:
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory) -> Iterator[str]:
     """The app with a ``OneBoxEngine`` on uvicorn in a thread; a queue of 2 so overload shows as 503."""
-    engine = OneBoxEngine(fixed_batch_manifest(tmp_path_factory.mktemp("engine")), INFER_S)
-    app = create_app(Settings(max_queue_depth=2, max_wait_ms=0), engine)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the test service did not become ready"
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    engine = OneBoxEngine(minimal_manifest(tmp_path_factory.mktemp("engine")), INFER_S)
+    with serving(Settings(max_queue_depth=2, max_wait_ms=0), engine) as live:
+        yield live.url
 
 
 def run_loadtest(tmp_path: Path, *args: str) -> tuple[int, dict]:
@@ -128,11 +91,10 @@ def test_each_phase_stops_at_its_duration(service_url, tmp_path):
 
 def test_soak_samples_server_memory_and_checks_its_growth(service_url, tmp_path, capsys):
     status, report = run_loadtest(tmp_path, "--url", service_url, "--concurrency", "2", "--requests", "100000",
-                                  "--duration", "1", "--server-pid", str(os.getpid()), "--rss-interval", "0.05",
-                                  "--soak", "--max-rss-growth", "1.0")
+                                  "--duration", "1", "--rss-interval", "0.05", "--soak", "--max-rss-growth", "1.0")
     assert status == 0
     rss = report["rss"]
-    assert rss["pid"] == os.getpid() and len(rss["samples"]) >= 10 and rss["passed"] is True
+    assert rss["source"] == service_url + "/metrics" and len(rss["samples"]) >= 10 and rss["passed"] is True
     assert all(kib > 0 for _, kib in rss["samples"])
     out = capsys.readouterr().out
     assert "server RSS (MiB) over time" in out and "soak: mean RSS grew" in out
@@ -147,7 +109,7 @@ def test_rss_growth_compares_the_last_third_with_the_first():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--soak"], "--soak needs --server-pid"),
+        (["--rss-interval", "0"], "--rss-interval > 0"),
         (["--requests", "0"], "--requests must be >= 1"),
         (["--concurrency", "0"], "expected positive numbers"),
     ],
@@ -176,7 +138,7 @@ def test_loadtest_refuses_a_url_without_a_service(capsys):
     ],
 )
 def test_perf_refuses_what_the_engine_cannot_run(args, message, tmp_path, capsys):
-    fixed_batch_manifest(tmp_path / "engine")
+    minimal_manifest(tmp_path / "engine")
     with pytest.raises(SystemExit) as exit_info:
         perf.main(["--engine", str(tmp_path / "engine"), *args])
     assert exit_info.value.code == 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from scripts.bench.postprocess import mmdet_paste_mask_values
+from paste_oracle import mmdet_paste_mask_values
 from service.postprocess import (
     InvalidDetectionsError,
     encode_rle,
