@@ -103,11 +103,12 @@ def merge_options(query: PredictOptions, body_options: dict[str, Any]) -> Predic
 
 def body_bytes_to_hold(request: Request, max_body_bytes: int) -> int:
     """Memory the body will hold once read: its declared length (at most the limit; the limit when
-    undeclared), twice for JSON and multipart, whose image is copied out of the body."""
+    undeclared) twice (the chunks and their join), three times for JSON and multipart, whose image
+    is copied out of the body."""
     declared = request.headers.get("content-length", "")
     size = min(int(declared), max_body_bytes) if declared.isdigit() else max_body_bytes
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return size if media_type in RAW_IMAGE_TYPES else 2 * size
+    return (2 if media_type in RAW_IMAGE_TYPES else 3) * size
 
 
 async def discard_body(request: Request, limit_bytes: int, timeout_s: float = 10.0) -> None:

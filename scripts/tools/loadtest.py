@@ -22,6 +22,19 @@ or on another machine (behind a load balancer each sample is of the replica that
 
     maskrcnn-loadtest --url http://127.0.0.1:8000 --concurrency 1,2,4 --rate 0.5 --requests 20 \\
         --duration 60 --soak
+
+``--profile hostile`` runs the hostile-load figures instead, in one command:
+
+1. capacity: closed loop at concurrency 1, then 2 (throughput at 2 should be at least at 1);
+2. a burst of 32 concurrent uploads of a 24-megapixel JPEG: answers by status and the server's
+   peak RSS (sampled every 0.2 s) against its RSS before;
+3. 4x overload: an open loop at four times the measured capacity for ``--duration`` seconds:
+   goodput (200 answers per second) as a fraction of the capacity, and how many requests were
+   accepted and then answered 504 (deadline exceeded) rather than refused at once with 503;
+4. a naive client (urllib, which sends the whole body before reading) posting a 64 MiB body:
+   whether it reads the 413 or sees the connection reset.
+
+    maskrcnn-loadtest --url http://127.0.0.1:8000 --profile hostile --requests 10 --duration 60
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ import asyncio
 import json
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -231,16 +246,23 @@ def format_rss(samples: list[tuple[float, int]], points: int = 10) -> str:
 
 
 def format_phases(phases: list[Phase]) -> str:
-    lines = [f"{'phase':14} {'started':>7} {'ok':>5} {'cancelled':>9} {'wall s':>7} {'ok/s':>7} "
-             f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  errors"]
-    for phase in phases:
-        s = phase.summary()
+    return "\n".join([PHASES_HEADER, *format_phases_summaries([p.summary() for p in phases])])
+
+
+PHASES_HEADER = (f"{'phase':14} {'started':>7} {'ok':>5} {'cancelled':>9} {'wall s':>7} {'ok/s':>7} "
+                 f"{'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  errors")
+
+
+def format_phases_summaries(summaries: list[dict[str, Any]]) -> list[str]:
+    """One table line per phase summary (``Phase.summary()``)."""
+    lines = []
+    for s in summaries:
         ms = s["latency_ms"]
         latency = " ".join(f"{ms[k]:8.1f}" if ms else f"{'-':>8}" for k in ("p50", "p90", "p99"))
         errors = " ".join(f"{answer}:{n}" for answer, n in s["errors"].items()) or "-"
         lines.append(f"{s['name']:14} {s['started']:7} {s['ok']:5} {s['cancelled']:9} {s['wall_s']:7.1f} "
                      f"{s['throughput_rps']:7.3f} {latency}  {errors}")
-    return "\n".join(lines)
+    return lines
 
 
 @dataclass(frozen=True)
@@ -273,12 +295,7 @@ async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
         raise LoadTestError(f"the image is {error}") from None
     phases = []
     async with httpx.AsyncClient(timeout=plan.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
-        try:
-            ready = await client.get(plan.url + "/readyz")
-        except httpx.TransportError as error:
-            raise LoadTestError(f"no service at {plan.url}: {type(error).__name__}: {error}") from error
-        if ready.status_code != 200:
-            raise LoadTestError(f"the service at {plan.url} is not ready: /readyz answered {ready.status_code}")
+        await _require_ready(client, plan.url)
         monitor: RssMonitor | None = RssMonitor(client, plan.url, plan.rss_interval_s)
         if not await monitor.sample():
             if plan.require_rss:
@@ -299,6 +316,107 @@ async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
                 await asyncio.gather(sampling, return_exceptions=True)
                 await monitor.sample()  # the memory at the end of the last phase
     return phases, monitor
+
+
+HOSTILE_BURST = 32  # concurrent uploads of the large image
+HOSTILE_LARGE_HW = (4000, 6000)  # 24 megapixels
+HOSTILE_OVERLOAD = 4.0  # offered load, in multiples of the measured capacity
+NAIVE_BODY_BYTES = 64 * 2**20
+
+
+def naive_upload(url: str, size: int, timeout_s: float) -> str:
+    """What urllib (body sent in full before the answer is read) gets for a ``size``-byte body:
+    ``"<status> <error code>"`` or the exception's name."""
+    request = urllib.request.Request(url + "/predict", data=b"\xff\xd8" + bytes(size),
+                                     headers={"Content-Type": "image/jpeg"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return f"{response.status}"
+    except urllib.error.HTTPError as error:
+        try:
+            code = json.loads(error.read())["error"]["code"]
+        except (ValueError, KeyError, TypeError, OSError):
+            code = "(no JSON error body)"
+        return f"{error.code} {code}"
+    except OSError as error:
+        return type(getattr(error, "reason", error)).__name__
+
+
+async def run_hostile(plan: Plan) -> dict[str, Any]:
+    """The hostile-load figures (see the module docstring) against ``plan.url``; ``plan.requests``
+    and ``plan.duration_s`` bound the capacity phases, ``plan.duration_s`` the overload phase.
+
+    Raises:
+        LoadTestError: no ready service at the URL, or no RSS in its /metrics.
+    """
+    small = plan.body
+    large = synthetic_photo(*HOSTILE_LARGE_HW)
+    async with httpx.AsyncClient(timeout=plan.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
+        await _require_ready(client, plan.url)
+        monitor = RssMonitor(client, plan.url, 0.2)
+        if not await monitor.sample():
+            raise LoadTestError(f"cannot watch the server's memory: {monitor.lost}")
+        sampling = asyncio.create_task(monitor.run())
+        rng = np.random.default_rng(plan.seed)
+        try:
+            small_sender = Sender(client, plan.url, small, image_headers(small, plan.timeout_s), plan.params)
+            one = await closed_loop(small_sender, 1, plan.requests, plan.duration_s)
+            two = await closed_loop(small_sender, 2, plan.requests, plan.duration_s)
+            capacity = one.summary()["throughput_rps"]
+            if capacity <= 0:
+                raise LoadTestError(f"no request succeeded at concurrency 1: {one.errors}")
+
+            before_kib = monitor.samples[-1][1]
+            first = len(monitor.samples)
+            large_sender = Sender(client, plan.url, large, image_headers(large, plan.timeout_s), plan.params)
+            burst = await closed_loop(large_sender, HOSTILE_BURST, HOSTILE_BURST, plan.timeout_s)
+            await monitor.sample()
+            peak_kib = max(kib for _, kib in monitor.samples[first - 1:])
+
+            rate = HOSTILE_OVERLOAD * capacity
+            overload = await open_loop(small_sender, rate, int(rate * plan.duration_s) + 1, plan.duration_s,
+                                       "poisson", rng)
+            naive = await asyncio.to_thread(naive_upload, plan.url, NAIVE_BODY_BYTES, plan.timeout_s)
+        finally:
+            sampling.cancel()
+            await asyncio.gather(sampling, return_exceptions=True)
+    goodput = overload.summary()["throughput_rps"]
+    return {
+        "phases": [p.summary() for p in (one, two, burst, overload)],
+        "capacity_rps": capacity,
+        "concurrency_2_over_1": two.summary()["throughput_rps"] / capacity,
+        "burst": {"uploads": HOSTILE_BURST, "image_hw": list(HOSTILE_LARGE_HW), "image_bytes": len(large),
+                  "answers": dict(burst.answers), "rss_before_mib": before_kib / 1024, "rss_peak_mib": peak_kib / 1024},
+        "overload": {"offered_rps": rate, "goodput_rps": goodput, "goodput_over_capacity": goodput / capacity,
+                     "answers": dict(overload.answers), "accepted_then_504": overload.answers["504"]},
+        "naive_client_64mib": naive,
+        "rss_samples": monitor.samples,
+    }
+
+
+def format_hostile(figures: dict[str, Any]) -> str:
+    burst, overload = figures["burst"], figures["overload"]
+    answers = lambda counts: " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "-"  # noqa: E731
+    return "\n".join([
+        f"capacity (closed loop, concurrency 1): {figures['capacity_rps']:.3f} img/s; concurrency 2 / 1: "
+        f"{figures['concurrency_2_over_1']:.3f}",
+        f"{burst['uploads']} concurrent {burst['image_hw'][1]}x{burst['image_hw'][0]} JPEG uploads "
+        f"({burst['image_bytes'] / 2**20:.1f} MiB each): {answers(burst['answers'])}; server RSS "
+        f"{burst['rss_before_mib']:.0f} MiB before, {burst['rss_peak_mib']:.0f} MiB peak",
+        f"{HOSTILE_OVERLOAD:g}x overload (open loop, {overload['offered_rps']:.2f} req/s offered): goodput "
+        f"{overload['goodput_rps']:.3f} img/s = {overload['goodput_over_capacity']:.2f} of capacity; answers "
+        f"{answers(overload['answers'])}; accepted then 504: {overload['accepted_then_504']}",
+        f"naive client (urllib) posting {NAIVE_BODY_BYTES // 2**20} MiB: {figures['naive_client_64mib']}",
+    ])
+
+
+async def _require_ready(client: httpx.AsyncClient, url: str) -> None:
+    try:
+        ready = await client.get(url + "/readyz")
+    except httpx.TransportError as error:
+        raise LoadTestError(f"no service at {url}: {type(error).__name__}: {error}") from error
+    if ready.status_code != 200:
+        raise LoadTestError(f"the service at {url} is not ready: /readyz answered {ready.status_code}")
 
 
 def _numbers(kind: type, text: str) -> list:
@@ -333,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rss-growth", type=float, default=0.10,
                         help="soak threshold, relative growth of mean RSS (default 0.10 = 10%%)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default 0)")
+    parser.add_argument("--profile", choices=("phases", "hostile"), default="phases",
+                        help="phases: the --concurrency/--rate phases (default); hostile: the hostile-load figures "
+                             "(capacity, a burst of large uploads, 4x overload, a naive client's 413)")
     parser.add_argument("--json", type=Path, default=None, help="write the phases and RSS samples as JSON here")
     return parser
 
@@ -352,9 +473,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             rates=args.rate, requests=args.requests, duration_s=args.duration, arrivals=args.arrivals,
             timeout_s=args.timeout, rss_interval_s=args.rss_interval, require_rss=args.soak, seed=args.seed,
         )
-        phases, monitor = asyncio.run(run_plan(plan))
+        if args.profile == "hostile":
+            figures = asyncio.run(run_hostile(plan))
+        else:
+            phases, monitor = asyncio.run(run_plan(plan))
     except (LoadTestError, OSError, ValueError) as error:
         parser.error(str(error))
+    if args.profile == "hostile":
+        print("\n".join([PHASES_HEADER, *format_phases_summaries(figures["phases"])]))
+        print(format_hostile(figures))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"url": plan.url, **figures}, indent=2) + "\n")
+        return 0
 
     print(format_phases(phases))
     report: dict[str, Any] = {"url": plan.url, "image_bytes": len(plan.body), "requests": plan.requests,
