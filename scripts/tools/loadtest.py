@@ -322,6 +322,7 @@ HOSTILE_BURST = 32  # concurrent uploads of the large image
 HOSTILE_LARGE_HW = (4000, 6000)  # 24 megapixels
 HOSTILE_OVERLOAD = 4.0  # offered load, in multiples of the measured capacity
 NAIVE_BODY_BYTES = 64 * 2**20
+HOSTILE_CLIENT_MARGIN_S = 15.0  # the client waits this much past the server's deadline
 
 
 def naive_upload(url: str, size: int, timeout_s: float) -> str:
@@ -351,7 +352,9 @@ async def run_hostile(plan: Plan) -> dict[str, Any]:
     """
     small = plan.body
     large = synthetic_photo(*HOSTILE_LARGE_HW)
-    async with httpx.AsyncClient(timeout=plan.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
+    # the server's deadline is plan.timeout_s (the header): the client waits longer, to see its 504s
+    client_timeout_s = plan.timeout_s + HOSTILE_CLIENT_MARGIN_S
+    async with httpx.AsyncClient(timeout=client_timeout_s, limits=httpx.Limits(max_connections=None)) as client:
         await _require_ready(client, plan.url)
         monitor = RssMonitor(client, plan.url, 0.2)
         if not await monitor.sample():
@@ -369,14 +372,14 @@ async def run_hostile(plan: Plan) -> dict[str, Any]:
             before_kib = monitor.samples[-1][1]
             first = len(monitor.samples)
             large_sender = Sender(client, plan.url, large, image_headers(large, plan.timeout_s), plan.params)
-            burst = await closed_loop(large_sender, HOSTILE_BURST, HOSTILE_BURST, plan.timeout_s)
+            burst = await closed_loop(large_sender, HOSTILE_BURST, HOSTILE_BURST, client_timeout_s)
             await monitor.sample()
             peak_kib = max(kib for _, kib in monitor.samples[first - 1:])
 
             rate = HOSTILE_OVERLOAD * capacity
             overload = await open_loop(small_sender, rate, int(rate * plan.duration_s) + 1, plan.duration_s,
                                        "poisson", rng)
-            naive = await asyncio.to_thread(naive_upload, plan.url, NAIVE_BODY_BYTES, plan.timeout_s)
+            naive = await asyncio.to_thread(naive_upload, plan.url, NAIVE_BODY_BYTES, client_timeout_s)
         finally:
             sampling.cancel()
             await asyncio.gather(sampling, return_exceptions=True)
