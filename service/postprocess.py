@@ -14,7 +14,17 @@ same way, bilinearly with zeros outside the ``Mh x Mw`` mask. One deliberate dif
 with ``x1 <= x0`` or ``y1 <= y0`` pastes nothing, where mmdet divides by zero and, after its
 ``isinf`` fix-up, samples the mask's centre line.
 
-How it is computed: bilinear sampling is separable, and along one image column the sampled value
+``rule="torchvision"`` gives torchvision's ``paste_masks_in_image`` followed by ``> threshold``:
+the 28x28 mask is padded by one zero pixel on each side, its box scaled about its centre by
+(M + 2) / M and truncated to integers ``(x0, y0, x1, y1)`` (``.to(torch.int64)``), the padded mask
+resized bilinearly (half-pixel centres, ``align_corners=False``) to ``(y1 - y0 + 1) x
+(x1 - x0 + 1)`` pixels and placed at ``(x0, y0)``, clipped to the image; boxes come back to
+original pixels by torchvision's ``resize_boxes`` (times float32 original/resized, no clipping).
+It is computed by the same column runs as the mmdet paste below (the resized mask is bilinear in
+the padded mask, so only the mapping from pixels to mask coordinates differs) and equals
+torchvision's output except where a resized value lies within float32 rounding of the threshold.
+
+How the mmdet paste is computed: bilinear sampling is separable, and along one image column the sampled value
 is a piecewise-linear function of the mask row coordinate whose knots are the mask rows
 (horizontally interpolated at that column, plus a zero knot beyond each end). Its ``>= threshold``
 set is therefore a few intervals whose ends are found exactly from the knots, so each column
@@ -28,9 +38,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pycocotools import mask as coco_mask
+
+# How boxes return to original pixels and masks are pasted: the checkpoint origin's own way.
+PasteRule = Literal["mmdet", "torchvision"]
+PASTE_RULES: tuple[str, ...] = ("mmdet", "torchvision")
 
 # Image columns pasted per vectorised step; see _mask_runs.
 _COLUMNS_PER_CHUNK = 2048
@@ -130,7 +145,7 @@ def select_valid(
 
 
 def rescale_boxes(
-    boxes: np.ndarray, scale_factor: tuple[float, float], orig_hw: tuple[int, int]
+    boxes: np.ndarray, scale_factor: tuple[float, float], orig_hw: tuple[int, int], rule: PasteRule = "mmdet"
 ) -> np.ndarray:
     """Map boxes from resized-input pixels to original-image pixels.
 
@@ -139,10 +154,11 @@ def rescale_boxes(
         scale_factor: ``(w_scale, h_scale)`` with resized = original * scale
             (``PreparedImage.scale_factor``).
         orig_hw: ``(h0, w0)`` of the original image.
+        rule: ``mmdet``: divided by the scale factor and clipped to the image; ``torchvision``:
+            multiplied by float32 ``original / resized`` side lengths, not clipped.
 
     Returns:
-        float32 ``[K, 4]``: x divided by ``w_scale`` and clipped to ``[0, w0]``, y divided by
-        ``h_scale`` and clipped to ``[0, h0]`` (the division in float32, as mmdet does).
+        float32 ``[K, 4]`` in original-image pixels, computed in float32 as the origin does.
 
     Raises:
         InvalidDetectionsError: boxes not ``[K, 4]``, or a scale factor that is not positive.
@@ -153,24 +169,31 @@ def rescale_boxes(
     w_scale, h_scale = scale_factor
     if not (w_scale > 0 and h_scale > 0):
         raise InvalidDetectionsError(f"scale factors must be > 0, got {scale_factor}")
-    out = boxes.astype(np.float32) / np.array([w_scale, h_scale, w_scale, h_scale], np.float32)
     h0, w0 = orig_hw
+    if rule == "torchvision":
+        w, h = round(w_scale * w0), round(h_scale * h0)  # the resized sides, integers
+        ratio_w, ratio_h = np.float32(w0) / np.float32(w), np.float32(h0) / np.float32(h)
+        return boxes.astype(np.float32) * np.array([ratio_w, ratio_h, ratio_w, ratio_h], np.float32)
+    out = boxes.astype(np.float32) / np.array([w_scale, h_scale, w_scale, h_scale], np.float32)
     np.clip(out[:, 0::2], 0, w0, out=out[:, 0::2])
     np.clip(out[:, 1::2], 0, h0, out=out[:, 1::2])
     return out
 
 
 def paste_masks(
-    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5,
+    rule: PasteRule = "mmdet",
 ) -> np.ndarray:
-    """Paste box-frame mask probabilities into full-image binary masks (mmdet semantics).
+    """Paste box-frame mask probabilities into full-image binary masks (see the module docstring).
 
     Args:
         masks: float ``[K, Mh, Mw]`` mask probabilities in the box frame.
         boxes: float ``[K, 4]`` ``x1, y1, x2, y2`` in pixels of the target image; may reach outside it.
         image_hw: ``(H, W)`` of the target image.
-        threshold: a pixel is set where the sampled value is ``>= float32(threshold)``; must be > 0.
-            Boxes with ``x2 <= x1`` or ``y2 <= y1`` paste nothing (mmdet would divide by zero).
+        threshold: ``mmdet``: a pixel is set where the sampled value is ``>= float32(threshold)``;
+            boxes with ``x2 <= x1`` or ``y2 <= y1`` paste nothing (mmdet would divide by zero).
+            ``torchvision``: where the resized value is ``> threshold``. Must be > 0.
+        rule: whose paste, ``mmdet`` or ``torchvision``.
 
     Returns:
         bool ``[K, H, W]``. For memory, prefer :func:`paste_mask_crops` or :func:`encode_rle`.
@@ -180,21 +203,22 @@ def paste_masks(
     """
     h, w = image_hw
     full = np.zeros((len(boxes), h, w), bool)
-    for k, crop in enumerate(paste_mask_crops(masks, boxes, image_hw, threshold)):
+    for k, crop in enumerate(paste_mask_crops(masks, boxes, image_hw, threshold, rule)):
         ch, cw = crop.mask.shape
         full[k, crop.top : crop.top + ch, crop.left : crop.left + cw] = crop.mask
     return full
 
 
 def paste_mask_crops(
-    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5,
+    rule: PasteRule = "mmdet",
 ) -> list[MaskCrop]:
     """:func:`paste_masks`, but each mask kept as the crop of the region its box touches.
 
     Arguments and errors as :func:`paste_masks`. Returns K crops; a degenerate box, or one whose
     region misses the image, gives an empty crop.
     """
-    runs = _mask_runs(masks, boxes, image_hw, threshold)
+    runs = _mask_runs(masks, boxes, image_hw, threshold, rule)
     top, left = runs.top, runs.left
     crop_h, crop_w = runs.bottom - top, runs.right - left
     crop_area = crop_h * crop_w
@@ -218,7 +242,8 @@ def paste_mask_crops(
 
 
 def encode_rle(
-    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5,
+    rule: PasteRule = "mmdet",
 ) -> list[dict]:
     """Paste masks as :func:`paste_masks` does and encode each as COCO RLE of the full image.
 
@@ -231,7 +256,7 @@ def encode_rle(
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     k = len(boxes)
-    runs = _mask_runs(masks, boxes, (h, w), threshold)
+    runs = _mask_runs(masks, boxes, (h, w), threshold, rule)
     # Column-major pixel index of every run start and end, interleaved: the mask's transitions.
     transitions = np.empty(2 * len(runs.box), np.int64)
     transitions[0::2] = runs.x * h + runs.y_start
@@ -275,6 +300,7 @@ def postprocess_image(
     max_detections: int | None = None,
     keep_classes: Iterable[int] | None = None,
     with_masks: bool = True,
+    paste: PasteRule = "mmdet",
 ) -> ImageDetections:
     """One image's engine outputs -> detections in original-image pixels.
 
@@ -285,6 +311,7 @@ def postprocess_image(
         score_threshold, max_detections, keep_classes: as :func:`select_valid`.
         mask_threshold: as ``threshold`` of :func:`paste_masks`.
         with_masks: encode masks as RLE; False leaves ``rles`` None and skips the work.
+        paste: the checkpoint origin's box rescaling and mask paste (``manifest.postprocess.paste``).
 
     Raises:
         InvalidDetectionsError: outputs that break the contract, or ``mask_threshold <= 0``.
@@ -292,8 +319,8 @@ def postprocess_image(
     dets, labels, masks = select_valid(
         dets, labels, masks, score_threshold, max_detections, keep_classes
     )
-    boxes = rescale_boxes(dets[:, :4], scale_factor, orig_hw)
-    rles = encode_rle(masks, boxes, orig_hw, mask_threshold) if with_masks else None
+    boxes = rescale_boxes(dets[:, :4], scale_factor, orig_hw, paste)
+    rles = encode_rle(masks, boxes, orig_hw, mask_threshold, paste) if with_masks else None
     return ImageDetections(
         boxes=boxes, scores=dets[:, 4].astype(np.float32), labels=labels.astype(np.int64), rles=rles
     )
@@ -328,15 +355,14 @@ def _paste_regions(
 
 
 def _mask_runs(
-    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float
+    masks: np.ndarray, boxes: np.ndarray, image_hw: tuple[int, int], threshold: float, rule: PasteRule
 ) -> _MaskRuns:
     """The vertical runs of set pixels of the pasted masks; see the module docstring."""
     masks = np.asarray(masks)
-    boxes = np.asarray(boxes, np.float64)
     k = len(boxes)
-    if boxes.shape != (k, 4) or masks.ndim != 3 or len(masks) != k:
+    if np.shape(boxes) != (k, 4) or masks.ndim != 3 or len(masks) != k:
         raise InvalidDetectionsError(
-            f"need masks [K, Mh, Mw] and boxes [K, 4], got {list(masks.shape)} and {list(boxes.shape)}"
+            f"need masks [K, Mh, Mw] and boxes [K, 4], got {list(masks.shape)} and {list(np.shape(boxes))}"
         )
     if not np.isfinite(boxes).all():
         raise InvalidDetectionsError("boxes must be finite")
@@ -345,9 +371,33 @@ def _mask_runs(
     if not t > 0:
         raise InvalidDetectionsError(f"mask threshold must be > 0, got {threshold}")
     mask_h, mask_w = masks.shape[1:]
-    top, bottom, left, right = _paste_regions(boxes, image_hw)
-    x0, y0 = boxes[:, 0], boxes[:, 1]
-    box_w, box_h = boxes[:, 2] - x0, boxes[:, 3] - y0
+    if rule == "mmdet":
+        boxes = np.asarray(boxes, np.float64)
+        top, bottom, left, right = _paste_regions(boxes, image_hw)
+        x0, y0 = boxes[:, 0], boxes[:, 1]
+        box_w, box_h = boxes[:, 2] - x0, boxes[:, 3] - y0
+
+        def mask_column(x: np.ndarray, box: np.ndarray) -> np.ndarray:  # u of image column x
+            return (x + 0.5 - x0[box]) / box_w[box] * mask_w - 0.5
+
+        # Image row y samples mask row v = (y + 0.5 - y0) / h_box * Mh - 0.5, i.e. y = v * a + b.
+        row_a = box_h / mask_h
+        row_b = (y0 - 0.5) + 0.5 * row_a
+    elif rule == "torchvision":
+        top, bottom, left, right, x0, y0, box_w, box_h = _torchvision_regions(
+            np.asarray(boxes, np.float32), image_hw, mask_w)
+        # Pixel j of the resized (M + 2)-wide padded mask samples padded column
+        # max((M + 2) / W * (j + 0.5) - 0.5, 0), i.e. mask column u = that - 1 (clipped below).
+        scale_x, scale_y = (mask_w + 2) / box_w, (mask_h + 2) / box_h
+
+        def mask_column(x: np.ndarray, box: np.ndarray) -> np.ndarray:
+            return scale_x[box] * (x - x0[box] + 0.5) - 1.5
+
+        row_a = 1 / scale_y
+        row_b = 1.5 * row_a + y0 - 0.5
+        t = float(np.nextafter(np.float32(t), np.float32(np.inf)))  # "> t" is ">= the next float32"
+    else:
+        raise InvalidDetectionsError(f"unknown paste rule {rule!r}; expected one of {PASTE_RULES}")
 
     # One entry per image column of every box's region.
     columns = np.where(bottom > top, right - left, 0)
@@ -359,7 +409,7 @@ def _mask_runs(
     # the two mask columns around u. knot_table holds, per box and mask column j of a
     # zero-bordered copy, the row (right - left | left) for u in [j - 1, j); u is clipped to the
     # support [-1, Mw], outside of which every value is 0.
-    u = np.clip((column_x + 0.5 - x0[column_box]) / box_w[column_box] * mask_w - 0.5, -1, mask_w)
+    u = np.clip(mask_column(column_x, column_box), -1, mask_w)
     u_floor = np.floor(u)
     bordered = np.zeros((k, mask_w + 2, mask_h + 2), np.float32)
     bordered[:, 1:-1, 1:-1] = masks.transpose(0, 2, 1)
@@ -370,8 +420,6 @@ def _mask_runs(
     column_pair = column_box * (mask_w + 2) + (u_floor + 1).astype(np.int64)
     column_frac = (u - u_floor).astype(np.float32)
     # Image row y samples mask row v = (y + 0.5 - y0) / h_box * Mh - 0.5, i.e. y = v * a + b.
-    row_a = box_h / mask_h
-    row_b = (y0 - 0.5) + 0.5 * row_a
 
     # Chunks of columns bound the temporaries (~1 MB) so they reuse heap memory rather than
     # fault in fresh pages on every call, which cost more than the arithmetic. There is always
@@ -460,3 +508,21 @@ def _column_runs(
     y_start, y_end = boundary[0::2], boundary[1::2]
     nonempty = y_start < y_end
     return column[0::2][nonempty] + first_column, y_start[nonempty], y_end[nonempty]
+
+
+def _torchvision_regions(boxes: np.ndarray, image_hw: tuple[int, int], mask_size: int) -> tuple[np.ndarray, ...]:
+    """torchvision's integer paste boxes of float32 ``boxes [K, 4]`` for ``mask_size``-wide masks:
+    ``(top, bottom, left, right)`` of the region inside the image and ``(x0, y0, W, H)`` of the
+    resized padded mask, int64 ``[K]`` each (``expand_boxes`` in float32 with scale (M + 2) / M,
+    then ``.to(torch.int64)``, which truncates toward zero)."""
+    h, w = image_hw
+    scale = np.float32((mask_size + 2) / mask_size)
+    half_w = (boxes[:, 2] - boxes[:, 0]) * np.float32(0.5) * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * np.float32(0.5) * scale
+    centre_x = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5)
+    centre_y = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5)
+    x0, x1 = np.trunc(centre_x - half_w).astype(np.int64), np.trunc(centre_x + half_w).astype(np.int64)
+    y0, y1 = np.trunc(centre_y - half_h).astype(np.int64), np.trunc(centre_y + half_h).astype(np.int64)
+    left, top = np.clip(x0, 0, w), np.clip(y0, 0, h)
+    right, bottom = np.maximum(np.clip(x1 + 1, 0, w), left), np.maximum(np.clip(y1 + 1, 0, h), top)
+    return top, bottom, left, right, x0, y0, np.maximum(x1 - x0 + 1, 1), np.maximum(y1 - y0 + 1, 1)

@@ -43,6 +43,7 @@ class Runtime:
             "max_detections": max_detections,
             "keep_classes": self.classes.indices(options.classes) if options.classes else None,
             "with_masks": options.masks,
+            "paste": defaults.paste,
         }
 
     def require_ready(self) -> None:

@@ -271,3 +271,59 @@ def test_postprocess_image_composes_the_steps():
     assert 0 < len(result.rles) <= 8
     assert all(r["size"] == [45, 70] for r in result.rles)
     assert postprocess_image(dets, labels, masks, scale, orig_hw, 0.2, 0.5, with_masks=False).rles is None
+
+
+def _torchvision_cases(seed: int = 0):
+    """Random 28x28 masks with boxes of every kind: inside, partly outside, 1-px, huge, degenerate (not wholly
+    outside the image: torchvision itself fails on those, and detections are clipped to the image)."""
+    rng = np.random.default_rng(seed)
+    h, w = 480, 640
+    boxes = [
+        [100.3, 50.7, 300.2, 400.9], [-40.5, -30.2, 120.8, 90.1], [600.2, 400.4, 700.9, 530.6],
+        [10.0, 10.0, 11.0, 11.0], [200.5, 200.5, 200.9, 200.7], [-500.0, -400.0, 1200.0, 900.0],
+        [320.0, 240.0, 320.0, 240.0],
+    ]
+    for _ in range(40):
+        x1, y1 = rng.uniform(-50, w, 2) * (1, h / w)
+        boxes.append([x1, y1, x1 + rng.uniform(0.5, 400), y1 + rng.uniform(0.5, 300)])
+    boxes = np.asarray(boxes, np.float32)
+    masks = rng.uniform(0, 1, (len(boxes), 28, 28)).astype(np.float32)
+    masks[::3] = (masks[::3] > 0.6).astype(np.float32)  # some hard-edged masks
+    return masks, boxes, (h, w)
+
+
+def test_torchvision_paste_equals_paste_masks_in_image():
+    import torch
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    masks, boxes, image_hw = _torchvision_cases()
+    theirs = paste_masks_in_image(torch.from_numpy(masks)[:, None], torch.from_numpy(boxes), image_hw)[:, 0].numpy()
+    ours = paste_masks(masks, boxes, image_hw, 0.5, rule="torchvision")
+    differ = ours != (theirs > 0.5)
+    # only where torch's resized value lies within float32 rounding of the threshold (the hard-edged
+    # masks interpolate to exactly 0.5 at their edges, where the two roundings decide differently)
+    assert np.all(np.abs(theirs[differ] - 0.5) < 1e-5), np.abs(theirs[differ] - 0.5).max()
+    assert ours.sum() > 100_000 and differ.sum() < 1e-3 * ours.sum()
+    soft = np.ones(len(masks), bool)
+    soft[::3] = False
+    assert not differ[soft].any()  # probabilities from a model: no ties, the same pixels
+
+
+def test_torchvision_rle_is_byte_identical_to_pycocotools_of_its_paste():
+    masks, boxes, image_hw = _torchvision_cases(seed=1)
+    full = paste_masks(masks, boxes, image_hw, 0.5, rule="torchvision")
+    rles = encode_rle(masks, boxes, image_hw, 0.5, rule="torchvision")
+    expected = [coco_mask.encode(np.asfortranarray(m.astype(np.uint8))) for m in full]
+    assert [r["counts"] for r in rles] == [e["counts"].decode() for e in expected]
+
+
+def test_torchvision_box_rescale_equals_resize_boxes():
+    import torch
+    from torchvision.models.detection.transform import resize_boxes
+
+    rng = np.random.default_rng(2)
+    boxes = rng.uniform(0, 800, (50, 4)).astype(np.float32)
+    orig_hw, resized_hw = (427, 640), (800, 1199)
+    scale_factor = (resized_hw[1] / orig_hw[1], resized_hw[0] / orig_hw[0])
+    theirs = resize_boxes(torch.from_numpy(boxes), list(resized_hw), list(orig_hw)).numpy()
+    np.testing.assert_array_equal(rescale_boxes(boxes, scale_factor, orig_hw, rule="torchvision"), theirs)
