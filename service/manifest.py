@@ -18,26 +18,6 @@ from service.preprocess import InputSpec, InvalidInputSpecError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-# The 80 COCO detection classes in COCO order: (category id, name).
-COCO_CLASSES: tuple[tuple[int, str], ...] = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"),
-    (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"),
-    (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"), (32, "tie"),
-    (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"), (37, "sports ball"),
-    (38, "kite"), (39, "baseball bat"), (40, "baseball glove"), (41, "skateboard"),
-    (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"),
-    (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"),
-    (54, "sandwich"), (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"),
-    (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"), (63, "couch"), (64, "potted plant"),
-    (65, "bed"), (67, "dining table"), (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"),
-    (75, "remote"), (76, "keyboard"), (77, "cell phone"), (78, "microwave"), (79, "oven"),
-    (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
-    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
-)
-COCO_CATEGORY_IDS: tuple[int, ...] = tuple(cid for cid, _ in COCO_CLASSES)
-
 HW = tuple[int, int]
 
 
@@ -52,6 +32,9 @@ class _Section(BaseModel):
 class Resize(_Section):
     scale: tuple[int, int] = Field(description="(long, short) edge limits, pixels")
     keep_ratio: bool = True
+    rounding: Literal["half_up", "floor"] = Field("half_up", description="mmdet: half_up; torchvision: floor")
+    input: Literal["uint8", "normalized"] = Field(
+        "uint8", description="what is resized: the decoded image (mmdet) or the normalised one (torchvision)")
 
 
 class InputSection(_Section):
@@ -133,7 +116,7 @@ class PostprocessSection(_Section):
 
 class ClassEntry(_Section):
     index: int = Field(ge=0, description="the label value in the engine's outputs")
-    id: int = Field(description="category id in answers (COCO's for COCO models)")
+    id: int = Field(description="category id in answers (COCO's for COCO classes, the user's dataset's, or 1..N)")
     name: str
 
 
@@ -213,10 +196,6 @@ class ParityReport(_Section):
         return None if isinstance(value, float) and value != value else value
 
 
-def coco_class_table() -> list[ClassEntry]:
-    return [ClassEntry(index=i, id=cid, name=name) for i, (cid, name) in enumerate(COCO_CLASSES)]
-
-
 class Manifest(_Section):
     backend: str
     precision: str
@@ -226,7 +205,8 @@ class Manifest(_Section):
     shape_profile: ShapeProfile
     outputs: OutputsSection
     postprocess: PostprocessSection
-    classes: list[ClassEntry] = Field(default_factory=coco_class_table)
+    classes: list[ClassEntry] = Field(
+        min_length=1, description="the engine's classes by label index: names and category ids (build_tools.classes)")
     checkpoint: CheckpointInfo = Field(default_factory=lambda: CheckpointInfo(format="unknown"))
     inference_config: dict[str, Any] = Field(
         default_factory=dict, description="build_tools.model.InferenceConfig fields the graph was built with")

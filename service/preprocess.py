@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -47,6 +47,11 @@ class InputSpec:
             mmdet's ``Resize(keep_ratio=False)`` does.
         pad_divisor: batches are padded so H and W are multiples of this.
         keep_ratio: keep the aspect ratio when resizing.
+        rounding: how a resized side is rounded to pixels: ``half_up`` (mmcv's ``rescale_size``:
+            ``int(side * s + 0.5)``) or ``floor`` (torchvision's ``interpolate`` with a scale
+            factor: ``floor(side * s)``).
+        resize_input: what is resized: ``uint8`` (mmdet: the decoded image, then normalised) or
+            ``normalized`` (torchvision: the normalised float image, bilinear).
     """
 
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -54,6 +59,8 @@ class InputSpec:
     resize_scale: tuple[int, int] = (1333, 800)
     pad_divisor: int = 32
     keep_ratio: bool = True
+    rounding: Literal["half_up", "floor"] = "half_up"
+    resize_input: Literal["uint8", "normalized"] = "uint8"
 
     def __post_init__(self) -> None:
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -64,13 +71,19 @@ class InputSpec:
             raise InvalidInputSpecError(f"resize scale must be two positive ints, got {self.resize_scale}")
         if self.pad_divisor < 1:
             raise InvalidInputSpecError(f"pad_divisor must be >= 1, got {self.pad_divisor}")
+        if self.rounding not in ("half_up", "floor") or self.resize_input not in ("uint8", "normalized"):
+            raise InvalidInputSpecError(
+                f"resize rounding must be half_up or floor and its input uint8 or normalized, got "
+                f"{self.rounding!r} and {self.resize_input!r}"
+            )
 
     @classmethod
     def from_manifest_input(cls, d: dict[str, Any]) -> InputSpec:
         """Read the manifest's `input` dict.
 
-        Required keys: ``mean``, ``std``, ``resize`` (``{"scale": [long, short], "keep_ratio": bool}``),
-        ``pad_divisor``. The tensor-description keys (``layout``, ``dtype``, ``color``,
+        Required keys: ``mean``, ``std``, ``resize`` (``{"scale": [long, short], "keep_ratio": bool,
+        "rounding": "half_up" | "floor", "input": "uint8" | "normalized"}``, the last three
+        optional), ``pad_divisor``. The tensor-description keys (``layout``, ``dtype``, ``color``,
         ``normalized_in_graph``, ``pad_value``) are optional, but when present must equal what
         :meth:`to_manifest_input` writes.
 
@@ -85,6 +98,8 @@ class InputSpec:
                 resize_scale=tuple(int(v) for v in resize["scale"]),
                 pad_divisor=int(d["pad_divisor"]),
                 keep_ratio=resize.get("keep_ratio", True),
+                rounding=resize.get("rounding", "half_up"),
+                resize_input=resize.get("input", "uint8"),
             )
         except KeyError as e:
             raise InvalidInputSpecError(f"manifest input section lacks key {e}") from e
@@ -105,18 +120,21 @@ class InputSpec:
         return {
             "mean": list(self.mean),
             "std": list(self.std),
-            "resize": {"scale": list(self.resize_scale), "keep_ratio": self.keep_ratio},
+            "resize": {"scale": list(self.resize_scale), "keep_ratio": self.keep_ratio, "rounding": self.rounding,
+                       "input": self.resize_input},
             "pad_divisor": self.pad_divisor,
             **_FIXED_INPUT_FIELDS,
         }
 
     def resized_hw(self, orig_hw: tuple[int, int]) -> tuple[int, int]:
-        """``(h, w)`` an ``orig_hw`` image is resized to (mmcv ``rescale_size`` rounding)."""
+        """``(h, w)`` an ``orig_hw`` image is resized to (``rounding``)."""
         h0, w0 = orig_hw
         if not self.keep_ratio:
             return self.resize_scale[1], self.resize_scale[0]
         long_edge, short_edge = max(self.resize_scale), min(self.resize_scale)
         s = min(long_edge / max(h0, w0), short_edge / min(h0, w0))
+        if self.rounding == "floor":
+            return math.floor(h0 * s), math.floor(w0 * s)
         return int(h0 * s + 0.5), int(w0 * s + 0.5)
 
 
@@ -171,15 +189,23 @@ def prepare_image(rgb: np.ndarray, spec: InputSpec, orig_hw: tuple[int, int] | N
     h, w = spec.resized_hw((h0, w0))
     if h < 1 or w < 1:
         raise InvalidImageError(f"a {w0}x{h0} image is too elongated: it resizes to {w}x{h} pixels")
-    # cv2.resize returns an identical copy for an unchanged size; skipping it saves that copy.
-    resized = rgb if (h, w) == rgb.shape[:2] else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+    same_size = (h, w) == rgb.shape[:2]
     tensor = np.empty((3, h, w), np.float32)
-    # Per-plane float32 ops write straight into the CHW output: measured ~8x faster than
-    # normalising HWC and transposing, and no intermediate float image is allocated.
-    for channel, plane in enumerate(cv2.split(resized)):
-        out = tensor[channel]
-        np.subtract(plane, np.float32(spec.mean[channel]), out=out, dtype=np.float32)
-        np.divide(out, np.float32(spec.std[channel]), out=out)
+    if spec.resize_input == "normalized":
+        # torchvision's order: normalise the float image, then resize it bilinearly (half-pixel
+        # centres, as torch's interpolate with align_corners=False)
+        for channel, plane in enumerate(cv2.split(rgb)):
+            normalised = (plane.astype(np.float32) - np.float32(spec.mean[channel])) / np.float32(spec.std[channel])
+            tensor[channel] = normalised if same_size else cv2.resize(normalised, (w, h), interpolation=cv2.INTER_LINEAR)
+    else:
+        # cv2.resize returns an identical copy for an unchanged size; skipping it saves that copy.
+        resized = rgb if same_size else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)
+        # Per-plane float32 ops write straight into the CHW output: measured ~8x faster than
+        # normalising HWC and transposing, and no intermediate float image is allocated.
+        for channel, plane in enumerate(cv2.split(resized)):
+            out = tensor[channel]
+            np.subtract(plane, np.float32(spec.mean[channel]), out=out, dtype=np.float32)
+            np.divide(out, np.float32(spec.std[channel]), out=out)
     return PreparedImage(
         tensor=tensor, orig_hw=(h0, w0), resized_hw=(h, w), scale_factor=(w / w0, h / h0)
     )

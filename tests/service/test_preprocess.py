@@ -157,7 +157,7 @@ def test_input_spec_round_trips_through_the_manifest():
     assert d == {
         "mean": [1.0, 2.0, 3.0],
         "std": [4.0, 5.0, 6.0],
-        "resize": {"scale": [1024, 640], "keep_ratio": True},
+        "resize": {"scale": [1024, 640], "keep_ratio": True, "rounding": "half_up", "input": "uint8"},
         "pad_divisor": 64,
         "layout": "NCHW",
         "dtype": "float32",
@@ -194,3 +194,22 @@ def test_input_spec_rejects_manifests_it_cannot_serve(key, value):
         d[key] = value
     with pytest.raises(InvalidInputSpecError):
         InputSpec.from_manifest_input(d)
+
+
+@pytest.mark.parametrize("orig_hw", [(480, 640), (427, 640), (333, 500), (1000, 750)])
+def test_the_torchvision_spec_reproduces_generalized_rcnn_transform(orig_hw):
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    spec = InputSpec(mean=tuple(255 * m for m in mean), std=tuple(255 * s for s in std), rounding="floor",
+                     resize_input="normalized")
+    rgb = random_image(orig_hw)
+    transform = GeneralizedRCNNTransform(min_size=800, max_size=1333, image_mean=list(mean), image_std=list(std))
+    images, _ = transform([torch.from_numpy(rgb).permute(2, 0, 1).float() / 255])
+    theirs_hw = tuple(images.image_sizes[0])
+    prepared = prepare_image(rgb, spec)
+    assert prepared.resized_hw == theirs_hw
+    h, w = theirs_hw
+    # OpenCV's float bilinear weights are coarser than torch's: within 5e-4 normalised units
+    # (0.03 grey levels)
+    np.testing.assert_allclose(prepared.tensor, images.tensors[0, :, :h, :w].numpy(), atol=5e-4)
