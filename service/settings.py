@@ -63,9 +63,18 @@ class Settings(BaseSettings):
     engine_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest one engine call may take; past it, 504 and the session is replaced."
     )
+    host_nice: int = Field(
+        5, ge=0, le=19,
+        description="Niceness of the threads that decode, preprocess and postprocess, so that on a small CPU they "
+        "yield the cores to the engine's threads; 0: the same priority.",
+    )
     grace_period_s: float = Field(30.0, ge=0, le=3600, description="On SIGTERM, time to finish in-flight requests.")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503 answers, in seconds.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    model_name: str = Field(
+        "maskrcnn", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="The model's name on the KServe v2 routes (/v2/models/NAME/...).",
+    )
     # Backend options: fields named <backend>_<option> reach that backend's load() as options.
     # One worker drives one engine with one infer request, so LATENCY (one stream using all the
     # session's threads) is the default; THROUGHPUT/streams suit several requests per engine.

@@ -1,0 +1,24 @@
+"""Host work (decode, preprocess, postprocess) runs niced, so it yields the cores to the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+from service.inference import _on_host
+from service.settings import Settings
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def test_host_stages_run_at_the_configured_niceness_and_the_event_loop_does_not():
+    async def main():
+        return await _on_host(Settings(host_nice=7), thread_nice), thread_nice()
+
+    process_nice = thread_nice()
+    host, loop = asyncio.run(main())
+    assert host == max(process_nice, 7)
+    assert loop == process_nice  # only the worker thread was niced
