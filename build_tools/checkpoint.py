@@ -43,9 +43,17 @@ import torch
 from torch import Tensor
 
 from build_tools.classes import ClassesError, label_layout, names_from_meta
-from build_tools.model import RESNET_LAYERS, InferenceConfig, MaskRCNN, Style, init_random_
+from build_tools.model import (
+    RESNET_LAYERS,
+    InferenceConfig,
+    MaskRCNN,
+    Style,
+    init_random_,
+)
 
 CheckpointFormat = Literal["mmdet", "torchvision"]
+# Where published checkpoints are downloaded to (one file each, named as published).
+CHECKPOINT_CACHE = Path.home() / ".cache" / "maskrcnn-serve"
 
 _MMDET_ZOO = "https://download.openmmlab.com/mmdetection/v2.0/mask_rcnn"
 # mmdetection's model zoo (configs/mask_rcnn/metafile.yml), all COCO: name -> file.
@@ -330,7 +338,7 @@ def head_classes(state: dict[str, Tensor], fmt: CheckpointFormat) -> tuple[int, 
             f"the head's layers disagree on the class count: {described[0]} holds {classes} classes + "
             f"background but {', '.join(wrong)} (a class-agnostic or otherwise unsupported head)"
         )
-    return classes + 1, ", ".join(described)
+    return classes + 1, f"the head ({', '.join(described)})"
 
 
 _CAFFE_STYLE = re.compile(r"""['"]?style['"]?\s*[=:]\s*['"]caffe['"]""")
@@ -480,7 +488,7 @@ def load_checkpoint(
     config: InferenceConfig | None = None,
     random_init_seed: int | None = None,
     origin: str = "mmdet",
-    cache_dir: str | Path = Path.home() / ".cache" / "maskrcnn-serve",
+    cache_dir: str | Path = CHECKPOINT_CACHE,
     **config_overrides,
 ) -> LoadedCheckpoint:
     """Build the model from a checkpoint file, a published checkpoint name, or random weights.

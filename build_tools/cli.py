@@ -1,6 +1,7 @@
 """``maskrcnn-build``: checkpoint -> ONNX -> verified engine artifact.
 
-Subcommands: ``export``, ``compile``, ``verify``, ``all`` (export + compile + verify in one call).
+Subcommands: ``export``, ``compile``, ``verify``, ``all`` (export + compile + verify in one call),
+``fetch`` (download a published checkpoint by name).
 ``compile`` and ``all`` build one artifact per ``--precision`` given (``OUT/<backend>-<precision>``
 when several) and print a precision report: AP points lost against the eager fp32 reference and
 seconds per image of the engine and of eager PyTorch on the verify images.
@@ -16,7 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, resolve_backend
-from build_tools.checkpoint import KNOWN_CHECKPOINTS, CheckpointError
+from build_tools.checkpoint import (
+    CHECKPOINT_CACHE,
+    KNOWN_CHECKPOINTS,
+    CheckpointError,
+    fetch_checkpoint,
+)
+from build_tools.classes import ClassesError
 from build_tools.errors import BuildError
 from build_tools.export import ExportError
 from build_tools.pipeline import compile_step, export_step
@@ -41,6 +48,17 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
                         "batch, >= 2), each image's result the same as alone")
     p.add_argument("--score-threshold", type=float, default=None,
                    help="detection score threshold baked into the graph (default: the origin's, 0.05)")
+    p.add_argument("--classes", metavar="FILE", default=None,
+                   help="class names, one a line or a JSON list, in label order: for checkpoints without names "
+                        "in their meta (torchvision's), or to override them; their count must fit the head "
+                        "(default: the checkpoint's meta, else COCO's 80 for a COCO-sized head)")
+    p.add_argument("--categories", metavar="ANN_JSON", default=None,
+                   help="a COCO annotation file whose categories give each class's id by name (default: COCO's "
+                        "ids when every name is a COCO class, else 1..N)")
+    p.add_argument("--style", default=None, choices=["pytorch", "caffe"],
+                   help="ResNet style of an mmdet checkpoint whose meta does not record its config (default: "
+                        "the meta's config, the published checkpoint's entry, else pytorch); caffe = BGR "
+                        "weights, std 1, stride on the 1x1 conv")
 
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +122,9 @@ def _export(args: argparse.Namespace, out: Path) -> Path:
         batch_size=args.batch_size,
         shape_mutable=args.shape_mutable,
         score_threshold=args.score_threshold,
+        classes_file=args.classes,
+        categories_file=args.categories,
+        style=args.style,
     )
 
 
@@ -260,6 +281,11 @@ def cmd_all(args: argparse.Namespace) -> int:
         return _build(args, export_dir)
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    print(fetch_checkpoint(args.name, args.cache_dir))
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     manifest = Manifest.load(args.engine)
     report = verify_artifact(args.engine, manifest, images=args.verify_images, count=args.verify_count,
@@ -293,6 +319,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--update-manifest", action="store_true", help="store the report in the manifest")
     v.set_defaults(func=cmd_verify)
 
+    f = sub.add_parser("fetch", help="download a published checkpoint by name (sha256 prefix checked), print its path")
+    f.add_argument("name", choices=list(KNOWN_CHECKPOINTS), metavar="NAME",
+                   help=f"one of: {', '.join(KNOWN_CHECKPOINTS)}")
+    f.add_argument("--cache-dir", default=str(CHECKPOINT_CACHE), help=f"download folder (default {CHECKPOINT_CACHE})")
+    f.set_defaults(func=cmd_fetch)
+
     a = sub.add_parser("all", help="checkpoint -> verified engine artifact in one call")
     _add_source_args(a)
     a.add_argument("--out", required=True, help="artifact folder to write (the parent of one per precision when several)")
@@ -305,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BuildError, CheckpointError, ExportError, BackendUnavailable, BuildFailed, UnsupportedPrecision,
-            ManifestError, FileNotFoundError) as exc:
+    except (BuildError, CheckpointError, ClassesError, ExportError, BackendUnavailable, BuildFailed,
+            UnsupportedPrecision, ManifestError, FileNotFoundError) as exc:
         print(f"maskrcnn-build: error: {exc}", file=sys.stderr)
         return 2
 

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import TypeAdapter
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -55,6 +54,7 @@ from torchvision.models.detection.rpn import (
     RPNHead,
     concat_box_prediction_layers,
 )
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.ops import (
     FrozenBatchNorm2d,
     MultiScaleRoIAlign,
@@ -577,6 +577,9 @@ def init_random_(model: MaskRCNN, seed: int) -> MaskRCNN:
 
     Frozen BN statistics are set so each BN is roughly identity-scaled; with default conv init the
     detector then produces a spread of scores and boxes, which is what export/parity tests need.
+    Each residual branch adds its variance to the stage's, so a stage deeper than R-50's has its
+    branches' last BN scaled by sqrt(R-50 blocks / blocks): its output spread stays R-50's (deeper
+    R-101 stages otherwise give 4x larger features and degenerate boxes). R-50 is left as is.
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -591,6 +594,10 @@ def init_random_(model: MaskRCNN, seed: int) -> MaskRCNN:
                 module.bias.zero_()
                 module.running_mean.zero_()
                 module.running_var.fill_(1.0)
+        body = model.backbone.body
+        for stage, r50_blocks in zip((body.layer1, body.layer2, body.layer3, body.layer4), RESNET_LAYERS[50]):
+            for block in stage:
+                block.bn3.weight.mul_(min(1.0, math.sqrt(r50_blocks / len(stage))))
         if model.config.origin == "mmdet":
             # mmdet has no background slots in its class-specific layers; a loaded mmdet checkpoint
             # leaves them zero, so random weights do too (they are never read at inference).

@@ -73,23 +73,26 @@ def export_step(
     batch_size: int = 1,
     shape_mutable: bool = False,
     score_threshold: float | None = None,
+    resize_scale: tuple[int, int] | None = None,
     classes_file: str | Path | None = None,
     categories_file: str | Path | None = None,
     style: Style | None = None,
 ) -> Path:
     """Checkpoint -> ``out_dir/model.onnx`` + ``out_dir/export.json``; returns ``out_dir``.
 
-    ``classes_file`` names the classes (one a line, or a JSON list; else the checkpoint's meta
-    names them, or COCO for a COCO-sized head); ``categories_file`` (a COCO annotation file) gives
-    their category ids by name (else COCO's for COCO names, else 1..N); ``style`` forces the ResNet
-    style (``caffe`` for caffe-style weights whose meta does not say so). See build_tools/classes.py.
+    ``score_threshold`` and ``resize_scale`` ((long, short) edges, pixels) replace the origin's
+    (0.05, 1333x800; a smaller scale makes cheap smoke and test engines). ``classes_file`` names the
+    classes (one a line, or a JSON list; else the checkpoint's meta names them, or COCO for a
+    COCO-sized head); ``categories_file`` (a COCO annotation file) gives their category ids by name
+    (else COCO's when all are COCO names, else 1..N); ``style`` forces the ResNet style (``caffe``
+    for caffe-style weights whose meta does not say so). See build_tools/classes.py.
 
     Raises:
         CheckpointError: the checkpoint cannot be read or does not fit (keys and shapes named).
         ClassesError: a classes or categories file that cannot be read or does not fit.
     """
     out_dir = Path(out_dir)
-    overrides = {} if score_threshold is None else {"score_thresh": score_threshold}
+    overrides = {k: v for k, v in (("score_thresh", score_threshold), ("resize_scale", resize_scale)) if v is not None}
     names = None if classes_file is None else read_class_names(classes_file)
     category_ids = None if categories_file is None else read_category_ids(categories_file)
     loaded = load_checkpoint(checkpoint, checkpoint_format, class_names=names, style=style,

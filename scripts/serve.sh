@@ -2,18 +2,24 @@
 # The main job: serve Mask R-CNN on the embedded ONNX Runtime (CPU, fp32) engine.
 #
 # Uses ENGINE (default artifacts/ort-fp32); builds it first when missing, from CHECKPOINT when
-# given (a file or a published name such as mask_rcnn_r50_fpn_1x_coco), else from the demo model
-# at .cache/demo/demo_mask_rcnn.pth when it exists, else with random weights (a smoke run: the
-# server works but detects nothing meaningful). Extra arguments go to maskrcnn-serve.
+# given (a file or a published name; `maskrcnn-build fetch --help` lists them), else from the
+# official mask_rcnn_r50_fpn_1x_coco (downloaded once, sha256-checked). Where that cannot be
+# downloaded (offline) it says so in one line and builds from the demo model at
+# .cache/demo/demo_mask_rcnn.pth when it exists, else with random weights (a smoke run: the server
+# works but detects nothing meaningful). Extra arguments go to maskrcnn-serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENGINE=${ENGINE:-artifacts/ort-fp32}
+OFFICIAL=mask_rcnn_r50_fpn_1x_coco
 DEMO=.cache/demo/demo_mask_rcnn.pth
 if [ ! -f "$ENGINE/manifest.json" ]; then
   if [ -n "${CHECKPOINT:-}" ]; then source_args=(--checkpoint "$CHECKPOINT")
-  elif [ -f "$DEMO" ]; then source_args=(--checkpoint "$DEMO")
+  elif .venv/bin/maskrcnn-build fetch "$OFFICIAL" >/dev/null 2>&1; then source_args=(--checkpoint "$OFFICIAL")
+  elif [ -f "$DEMO" ]; then
+    echo "serve.sh: cannot download $OFFICIAL (offline?): building from the demo model $DEMO instead" >&2
+    source_args=(--checkpoint "$DEMO")
   else
-    echo "serve.sh: no CHECKPOINT and no demo model: building a random-init engine (detections are meaningless)" >&2
+    echo "serve.sh: cannot download $OFFICIAL (offline?) and no demo model at $DEMO: building a random-init engine (detections are meaningless)" >&2
     source_args=(--random-init)
   fi
   .venv/bin/maskrcnn-build all "${source_args[@]}" --backend onnxruntime --precision fp32 --out "$ENGINE"

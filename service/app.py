@@ -15,6 +15,9 @@ from importlib.metadata import version
 import numpy as np
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
+
+from service import kserve
 
 from service.admission import MemoryBudget
 from service.backends import Engine
@@ -24,7 +27,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestCounter
 from service.preprocess import PreparedImage, prepare_image
 from service.response import ClassTable, OrjsonResponse
-from service.routes import API_KEY_GUARD, api, probes
+from service.routes import API_KEY_GUARD, PAGE_DIR, api, page, probes
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -109,7 +112,7 @@ def create_app(
     app = FastAPI(
         title="maskrcnn-serve",
         version=version("maskrcnn-serve"),
-        description="Mask R-CNN R50-FPN instance segmentation (COCO classes) over HTTP.",
+        description="Mask R-CNN instance segmentation over HTTP; GET /v1/models names the model and its classes.",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
     )
@@ -118,6 +121,10 @@ def create_app(
     app.add_middleware(RequestCounter, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status)).inc())
     app.include_router(api, **(API_KEY_GUARD if settings.api_key is not None else {}))
     app.include_router(probes)
+    app.include_router(kserve.api, **(kserve.PROTOCOL_KEY_GUARD if settings.api_key is not None else {}))
+    app.include_router(kserve.probes)
+    app.include_router(page)
+    app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
     _document_limits(app, settings)
     return app
 

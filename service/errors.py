@@ -7,6 +7,10 @@ maps all of these, FastAPI's request validation errors and Starlette's routing e
 to one body shape::
 
     {"error": {"code": "payload_too_large", "message": "image is 25000000 bytes; ..."}}
+
+Under :data:`PROTOCOL_PREFIX` (the KServe v2 / Open Inference Protocol routes) the same table
+renders the protocol's shape instead, ``{"error": "image is 25000000 bytes; ..."}``, with the
+statuses of :data:`PROTOCOL_STATUSES` changed (the protocol has no 422: a bad parameter is a 400).
 """
 
 from __future__ import annotations
@@ -126,6 +130,13 @@ class NotReady(Unavailable):
     code = "not_ready"
 
 
+class ModelNotFound(ServiceError):
+    """404: a KServe v2 request names a model (or model version) this server does not serve."""
+
+    status_code = 404
+    code = "model_not_found"
+
+
 class DeadlineExceeded(ServiceError):
     """504: the request's deadline passed before its result was ready."""
 
@@ -153,12 +164,28 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """The body of every error response."""
+    """The body of every error response (but those under ``PROTOCOL_PREFIX``)."""
 
     error: ErrorDetail
 
 
-def _error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> OrjsonResponse:
+class ProtocolErrorBody(BaseModel):
+    """The body of every error response under ``PROTOCOL_PREFIX`` (the Open Inference Protocol's)."""
+
+    error: str
+
+
+PROTOCOL_PREFIX = "/v2"
+PROTOCOL_STATUSES = {InvalidParameters.status_code: BadRequest.status_code}
+
+
+def _error_response(
+    request: Request, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> OrjsonResponse:
+    path = request.url.path
+    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+        return OrjsonResponse({"error": message}, status_code=PROTOCOL_STATUSES.get(status_code, status_code),
+                              headers=headers)
     return OrjsonResponse(
         {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
     )
@@ -174,8 +201,8 @@ def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _service_error(_: Request, exc: ServiceError) -> OrjsonResponse:
-    return _error_response(exc.status_code, exc.code, exc.message, exc.headers)
+async def _service_error(request: Request, exc: ServiceError) -> OrjsonResponse:
+    return _error_response(request, exc.status_code, exc.code, exc.message, exc.headers)
 
 
 async def _stage_error(request: Request, exc: Exception) -> OrjsonResponse:
@@ -185,18 +212,19 @@ async def _stage_error(request: Request, exc: Exception) -> OrjsonResponse:
     return await _service_error(request, error_type(prefix + str(exc)))
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> OrjsonResponse:
-    return _error_response(InvalidParameters.status_code, InvalidParameters.code, describe_validation_errors(exc.errors()))
+async def _validation_error(request: Request, exc: RequestValidationError) -> OrjsonResponse:
+    return _error_response(request, InvalidParameters.status_code, InvalidParameters.code,
+                           describe_validation_errors(exc.errors()))
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> OrjsonResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> OrjsonResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error_response(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+    return _error_response(request, exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 
 
-async def _unexpected_error(_: Request, exc: Exception) -> OrjsonResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> OrjsonResponse:
     log.exception("unhandled error", exc_info=exc)
-    return _error_response(500, ServiceError.code, f"{type(exc).__name__}: {exc}")
+    return _error_response(request, 500, ServiceError.code, f"{type(exc).__name__}: {exc}")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -60,7 +60,7 @@ class PredictOptions(BaseModel):
     )
     classes: list[str] | None = Field(
         None,
-        description="Keep only these classes: COCO category names or ids; repeat the field or separate with commas.",
+        description="Keep only these classes: class names or category ids (GET /v1/models lists them); repeat the field or separate with commas.",
     )
     format: ResponseFormat = Field(
         "native",

@@ -52,7 +52,7 @@ class ClassTable:
         unknown = [w for w in wanted if w.lower() not in by_name and w not in by_id]
         if unknown:
             raise UnknownClasses(
-                f"unknown classes {unknown}; use COCO category names or ids (GET /v1/models lists them)"
+                f"unknown classes {unknown}; use the engine's class names or category ids (GET /v1/models lists them)"
             )
         return {by_name.get(w.lower(), by_id.get(w)) for w in wanted}
 
@@ -67,7 +67,7 @@ class RLE(BaseModel):
 class Detection(BaseModel):
     bbox: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in original-image pixels")
     score: float
-    category_id: int = Field(description="COCO category id")
+    category_id: int = Field(description="category id (the engine manifest's class table; COCO's for COCO models)")
     category_name: str
     segmentation: RLE | None = Field(None, description="the instance mask; absent when masks=false")
 

@@ -4,30 +4,26 @@ preprocess -> batcher -> engine pool -> postprocess) and shapes the answer with 
 
 from __future__ import annotations
 
-import asyncio
 import hmac
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, Response
 
-from service.errors import ErrorBody, ServiceError, Unauthorized
-from service.inference import detect
+from service.draw import overlay_png
+from service.errors import ErrorBody, Unauthorized
+from service.inference import admitted, detect
 from service.manifest import Manifest
-from service.request import (
-    PredictOptions,
-    body_bytes_to_hold,
-    discard_body,
-    merge_options,
-    read_payload,
-    request_body_openapi,
-)
+from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
 from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
 from service.runtime import Runtime
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+PAGE_DIR = Path(__file__).with_name("page")  # the browser page's static files, served under /page
 
 _bearer = HTTPBearer(auto_error=False, description="The server's MASKRCNN_API_KEY, when it sets one.")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's MASKRCNN_API_KEY, when it sets one.")
@@ -62,6 +58,26 @@ API_KEY_GUARD = {
 }
 
 
+# The errors of every route that runs an image through the request path.
+INFERENCE_ERRORS = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in {
+        400: "undecodable or unsupported image, malformed body",
+        413: "body or image over the byte or pixel limit",
+        415: "Content-Type not accepted",
+        422: "bad parameter",
+        500: "the engine failed on this request's batch",
+        503: "overloaded or not ready; see Retry-After",
+        504: "deadline exceeded",
+    }.items()
+}
+TimeoutHeader = Annotated[
+    float | None,
+    Header(alias=TIMEOUT_HEADER, gt=0, le=3_600_000, description="Deadline of this request in milliseconds; "
+           "default MASKRCNN_REQUEST_TIMEOUT_MS. Past it the answer is 504."),
+]
+
+
 @api.post(
     "/predict",
     tags=["inference"],
@@ -69,44 +85,42 @@ API_KEY_GUARD = {
     response_model=PredictResponse | list[CocoResult],
     responses={
         200: {"description": "format=native: an object; format=coco: a list of COCO results-file entries"},
-        400: {"model": ErrorBody, "description": "undecodable or unsupported image, malformed body"},
-        413: {"model": ErrorBody, "description": "body or image over the byte or pixel limit"},
-        415: {"model": ErrorBody, "description": "Content-Type not accepted"},
-        422: {"model": ErrorBody, "description": "bad parameter"},
-        500: {"model": ErrorBody, "description": "the engine failed on this request's batch"},
-        503: {"model": ErrorBody, "description": "overloaded or not ready; see Retry-After"},
-        504: {"model": ErrorBody, "description": "deadline exceeded"},
+        **INFERENCE_ERRORS,
     },
     openapi_extra={"requestBody": request_body_openapi()},
 )
 async def predict(
-    request: Request,
-    runtime: RuntimeDep,
-    query: Annotated[PredictOptions, Query()],
-    timeout_ms: Annotated[
-        float | None,
-        Header(alias=TIMEOUT_HEADER, gt=0, le=3_600_000, description="Deadline of this request in milliseconds; "
-               "default MASKRCNN_REQUEST_TIMEOUT_MS. Past it the answer is 504."),
-    ] = None,
+    request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    settings = runtime.settings
-    deadline = started + (timeout_ms or settings.request_timeout_ms) / 1000
-    with runtime.budget.reservation() as reservation, runtime.metrics.in_flight.track_inprogress():
-        try:  # admission, before the body is read: readiness, queue room, the deadline, memory
-            runtime.require_ready()
-            runtime.batcher.check_capacity()
-            runtime.batcher.check_deadline(deadline)
-            reservation.hold("body", body_bytes_to_hold(request, settings.max_body_bytes), "the request body")
-            payload = await read_payload(request, settings.max_body_bytes)
-        except ServiceError:
-            await discard_body(request, settings.max_drain_bytes)
-            raise
-        options = merge_options(query, payload.options)
-        result = await detect(runtime, request, payload.image, options, started, deadline, reservation)
+    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
+        options = merge_options(query, admission.payload.options)
+        result = await detect(runtime, request, admission.payload.image, options, admission.started,
+                              admission.deadline, admission.reservation)
         return build_response(result.detections, runtime.classes, result.image.orig_hw, result.seconds,
                               response_format=options.format, image_id=options.image_id)
+
+
+@api.post(
+    "/render",
+    tags=["inference"],
+    summary="The image with its detections drawn on it (masks, boxes, 'name score' labels), as PNG",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+              "description": "the image (EXIF orientation applied) with the overlay; the options filter what is drawn"},
+        **INFERENCE_ERRORS,
+    },
+    openapi_extra={"requestBody": request_body_openapi()},
+)
+async def render(
+    request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
+) -> Response:
+    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
+        options = merge_options(query, admission.payload.options)
+        result = await detect(runtime, request, admission.payload.image, options, admission.started,
+                              admission.deadline, admission.reservation, keep_pixels=True)
+        png = await run_in_threadpool(overlay_png, result.pixels, result.detections, runtime.classes)
+        return Response(png, media_type="image/png")
 
 
 @probes.get("/healthz", summary="Liveness: the process is up")
@@ -137,3 +151,12 @@ async def models(runtime: RuntimeDep) -> Response:
 )
 async def metrics(runtime: RuntimeDep) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# The browser page: public like the probes (it sends the API key it is given to /predict).
+page = APIRouter(include_in_schema=False)
+
+
+@page.get("/")
+async def index() -> FileResponse:
+    return FileResponse(PAGE_DIR / "index.html", media_type="text/html")

@@ -1,4 +1,9 @@
-"""mmdetection's own Mask R-CNN R50-FPN, run on CPU, as the reference our model is measured against.
+"""mmdetection's own Mask R-CNN, run on CPU, as the reference our model is measured against.
+
+The R50-FPN model is the test-time part of mmdet's base config, written out below
+(``MASK_RCNN_R50_FPN``); other members of the family come from mmdet's own config files, shipped
+in its wheel (:func:`zoo_model_config`: ``mask-rcnn_r101_fpn_1x_coco``, ``mask-rcnn_x101-32x4d_fpn_1x_coco``,
+...), with the class count of a custom head.
 
 Full mmcv (with its compiled ops) does not build for our torch, so the reference is
 ``mmcv-lite`` + ``mmengine`` + ``mmdet`` (pure Python) plus the two mmcv C++ CPU kernels that
@@ -144,6 +149,25 @@ TEST_PIPELINE = [
 ]
 
 
+def zoo_model_config(config_name: str, num_classes: int | None = None) -> dict:
+    """The ``model`` of mmdet's config file ``configs/mask_rcnn/<config_name>.py`` (from the
+    installed wheel's ``.mim`` folder, ``_base_`` files resolved by mmengine), without the backbone's
+    pretrained init (the checkpoint replaces it), with ``num_classes`` in the box and mask heads
+    when given."""
+    import mmdet
+    from mmengine.config import Config
+
+    path = Path(mmdet.__file__).parent / ".mim" / "configs" / "mask_rcnn" / f"{config_name}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: this mmdet wheel ships no config {config_name!r}")
+    model = Config.fromfile(str(path)).model.to_dict()
+    model["backbone"]["init_cfg"] = None
+    if num_classes is not None:
+        model["roi_head"]["bbox_head"]["num_classes"] = num_classes
+        model["roi_head"]["mask_head"]["num_classes"] = num_classes
+    return model
+
+
 def ops_dir() -> Path:
     """Build folder of the compiled kernels, keyed by the torch and mmcv versions they fit."""
     import mmcv
@@ -236,7 +260,7 @@ class ReferenceDetections:
     Attributes:
         boxes: float32 ``[K, 4]`` ``x1, y1, x2, y2``.
         scores: float32 ``[K]``, descending.
-        labels: int64 ``[K]``, class index 0..79 (COCO order).
+        labels: int64 ``[K]``, class index 0..C-1 (COCO order for COCO's 80).
         masks: bool ``[K, h0, w0]``, thresholded at ``mask_thr_binary``.
     """
 
@@ -264,9 +288,11 @@ class ReferenceRun:
 
 
 class MMDetReference:
-    """mmdet's Mask R-CNN R50-FPN with a checkpoint, and its test-time stages one by one."""
+    """mmdet's Mask R-CNN (``model``: an mmdet model config, default R50-FPN) with a checkpoint,
+    and its test-time stages one by one; ``classes`` names its classes (default COCO's)."""
 
-    def __init__(self, checkpoint: str | Path):
+    def __init__(self, checkpoint: str | Path, model: dict = MASK_RCNN_R50_FPN,
+                 classes: tuple[str, ...] | None = None):
         install_ops()
         from mmdet.evaluation import get_classes
         from mmdet.registry import MODELS
@@ -277,13 +303,13 @@ class MMDetReference:
         # What mmdet.apis.init_detector does, with strict loading (every key of the file must
         # fit; init_detector only logs mismatches) and without its global warning filter change.
         config = Config(
-            dict(model=MASK_RCNN_R50_FPN, test_dataloader=dict(dataset=dict(pipeline=TEST_PIPELINE)))
+            dict(model=model, test_dataloader=dict(dataset=dict(pipeline=TEST_PIPELINE)))
         )
         init_default_scope("mmdet")
         self.model = MODELS.build(config.model)
         load_checkpoint(self.model, str(checkpoint), map_location="cpu", strict=True, logger="silent")
         self.model.cfg = config  # inference_detector reads the test pipeline from it
-        self.model.dataset_meta = {"classes": get_classes("coco")}
+        self.model.dataset_meta = {"classes": classes or get_classes("coco")}
         self.model.eval()
 
     def detect(self, image_path: str | Path) -> ReferenceRun:

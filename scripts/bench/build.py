@@ -98,15 +98,15 @@ def _compiled_artifact(export: Path, info, backend: str, precision: str, args, t
     return folder
 
 
-def _gt_scores(detections, image_ids, coco) -> dict[str, float]:
-    """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of ``coco``."""
-    from build_tools.classes import COCO_CATEGORY_IDS
+def _gt_scores(detections, image_ids, coco, category_ids) -> dict[str, float]:
+    """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of ``coco``
+    (``category_ids``: the category id of each label, the model's class table)."""
     from build_tools.coco_eval import evaluate
     from service.response import coco_body
 
     results = []
     for image_id, det in zip(image_ids, detections):
-        results += coco_body(det.boxes.tolist(), det.scores.tolist(), [COCO_CATEGORY_IDS[i] for i in det.labels],
+        results += coco_body(det.boxes.tolist(), det.scores.tolist(), [category_ids[i] for i in det.labels],
                              det.rles, image_id)
     scores = evaluate(coco, results, image_ids)
     return {"box": 100 * scores["bbox"]["AP"], "mask": 100 * scores["segm"]["AP"]}
@@ -179,14 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     # the eager reference: the export's model, else the first engine's
     if args.export:
         info = read_export_info(args.export)
-        ref_checkpoint, loaded = info.checkpoint, reference_for_export(info)
+        ref_checkpoint, loaded, classes = info.checkpoint, reference_for_export(info), info.classes
         # a fixed-batch graph is fed its whole (padded) batch per request; a mutable one, one image
         batch = 1 if info.shape_mutable else info.batch_size
     else:
         first = Manifest.load(args.engine[0])
-        ref_checkpoint, loaded = first.checkpoint, reference_for_manifest(first)
+        ref_checkpoint, loaded, classes = first.checkpoint, reference_for_manifest(first), first.classes
         batch = first.batch_size or 1
     reference = loaded.model
+    category_ids = [c.id for c in sorted(classes, key=lambda c: c.index)]
     config = reference.config
     spec = config.input_spec()
     score_threshold, mask_threshold = config.score_thresh, config.mask_threshold
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         gt_prepared = [prepare_image(read_rgb(gt_dir / coco.imgs[i]["file_name"]), spec) for i in gt_ids]
         dets, _ = run_detections(eager_infer(reference), gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
                                  mask_threshold=mask_threshold, warmup=0)
-        gt_eager = _gt_scores(dets, gt_ids, coco)
+        gt_eager = _gt_scores(dets, gt_ids, coco, category_ids)
 
     rows: list[dict] = []
     step = 0
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: ground-truth AP on {len(gt_ids)} image(s) ...")
             dets, _ = run_detections(engine.infer, gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
                                      mask_threshold=mask_threshold, warmup=0)
-            gt = _gt_scores(dets, gt_ids, coco)
+            gt = _gt_scores(dets, gt_ids, coco, category_ids)
             row.update(gt_box_ap=gt["box"], gt_mask_ap=gt["mask"], gt_box_ap_delta_points=gt_eager["box"] - gt["box"],
                        gt_mask_ap_delta_points=gt_eager["mask"] - gt["mask"])
         del engine

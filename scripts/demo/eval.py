@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-from build_tools.checkpoint import CheckpointError, load_checkpoint
+from build_tools.checkpoint import CheckpointError, LoadedCheckpoint, load_checkpoint
 from build_tools.coco_eval import evaluate, load_coco
-from build_tools.model import MaskRCNN
-from scripts.tools.eager import write_eager_results
+from scripts.tools.eager import EagerModel, write_eager_results
 
 # The first three of pycocotools' twelve summary numbers, printed per IoU type.
 SUMMARY_NAMES = ("AP", "AP50", "AP75")
@@ -44,20 +43,20 @@ def split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def write_reference_results(
-    model: MaskRCNN,
+    loaded: LoadedCheckpoint,
     data_dir: str | Path,
     split: str,
     out_json: str | Path,
     limit: int | None = None,
     progress: bool = True,
 ) -> list[int]:
-    """Run ``model`` on the images of ``split`` (the first ``limit`` by image id, or all) through the
+    """Run the checkpoint's model on the images of ``split`` (the first ``limit`` by image id, or all) through the
     service's host preprocessing and postprocessing; write a COCO results JSON
     (``scripts.tools.eager.write_eager_results``). Returns the evaluated image ids."""
     annotation_file, image_dir = split_paths(data_dir, split)
     coco = load_coco(annotation_file)
     image_ids = sorted(coco.getImgIds())[:limit] if limit else sorted(coco.getImgIds())
-    write_eager_results(model, coco, image_dir, image_ids, Path(out_json), progress=progress)
+    write_eager_results(EagerModel.of_checkpoint(loaded), coco, image_dir, image_ids, Path(out_json), progress=progress)
     return image_ids
 
 
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         loaded = load_checkpoint(checkpoint)
-        image_ids = write_reference_results(loaded.model, args.data, args.split, results, args.limit,
+        image_ids = write_reference_results(loaded, args.data, args.split, results, args.limit,
                                             progress=not args.no_progress)
     except (CheckpointError, EvalError) as error:
         parser.error(str(error))

@@ -9,6 +9,7 @@ a manifest built from the same model records. Torch is imported only when a mode
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,13 +17,13 @@ from typing import TYPE_CHECKING
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from build_tools.classes import COCO_CATEGORY_IDS
 from service.manifest import MANIFEST_NAME, Manifest
 from service.postprocess import postprocess_image
 from service.preprocess import pad_batch, prepare_image
 from service.response import coco_body
 
 if TYPE_CHECKING:
+    from build_tools.checkpoint import LoadedCheckpoint
     from build_tools.model import MaskRCNN
 
 
@@ -48,28 +49,46 @@ def eager_reference(manifest: Manifest, score_threshold: float | None = None) ->
         raise EagerReferenceError(f"the engine's eager reference cannot be loaded: {error}") from error
 
 
-def eager_model(source: str | Path, score_threshold: float | None = None) -> MaskRCNN:
-    """The eager model of ``source``: an engine artifact folder (the model it was built from) or a
-    checkpoint file or published name (with its origin's test settings).
+@dataclass(frozen=True)
+class EagerModel:
+    """An eager model and the category id of each of its labels (its class table, as the build
+    writes it into the manifest)."""
+
+    model: MaskRCNN
+    category_ids: tuple[int, ...]
+
+    @classmethod
+    def of_checkpoint(cls, loaded: LoadedCheckpoint) -> EagerModel:
+        from build_tools.classes import class_table
+
+        return cls(loaded.model, tuple(c.id for c in class_table(loaded.class_names)))
+
+
+def eager_model(source: str | Path, score_threshold: float | None = None) -> EagerModel:
+    """The eager model of ``source``: an engine artifact folder (the model it was built from, and
+    its manifest's class table) or a checkpoint file or published name (with its origin's test
+    settings and the class table its meta gives).
 
     Raises:
         EagerReferenceError: the checkpoint cannot be loaded.
     """
     if (Path(source) / MANIFEST_NAME).is_file():
-        return eager_reference(Manifest.load(source), score_threshold)
+        manifest = Manifest.load(source)
+        ids = tuple(c.id for c in sorted(manifest.classes, key=lambda c: c.index))
+        return EagerModel(eager_reference(manifest, score_threshold), ids)
     from build_tools.checkpoint import CheckpointError, load_checkpoint
 
     overrides = {} if score_threshold is None else {"score_thresh": score_threshold}
     try:
-        return load_checkpoint(str(source), **overrides).model
+        return EagerModel.of_checkpoint(load_checkpoint(str(source), **overrides))
     except (CheckpointError, OSError) as error:
         raise EagerReferenceError(f"cannot load checkpoint {source}: {error}") from error
 
 
-def write_eager_results(model: MaskRCNN, coco: COCO, image_dir: Path, image_ids: Sequence[int], out_json: Path,
+def write_eager_results(eager: EagerModel, coco: COCO, image_dir: Path, image_ids: Sequence[int], out_json: Path,
                         progress: bool = True) -> None:
-    """Run ``model`` on the images ``image_ids`` of ``coco`` (files in ``image_dir``), one at a time;
-    write their COCO results JSON to ``out_json``.
+    """Run ``eager.model`` on the images ``image_ids`` of ``coco`` (files in ``image_dir``), one at a
+    time; write their COCO results JSON to ``out_json``.
 
     Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h], "score", "segmentation": RLE}``
     in original-image pixels, as the service's ``format=coco`` answers carry them. Score threshold,
@@ -78,6 +97,7 @@ def write_eager_results(model: MaskRCNN, coco: COCO, image_dir: Path, image_ids:
     from build_tools.images import read_rgb
     from build_tools.reference import run_eager
 
+    model = eager.model
     config = model.config
     spec = config.input_spec()
     model.eval()
@@ -93,7 +113,7 @@ def write_eager_results(model: MaskRCNN, coco: COCO, image_dir: Path, image_ids:
         )
         results += coco_body(
             detections.boxes.tolist(), detections.scores.tolist(),
-            [COCO_CATEGORY_IDS[label] for label in detections.labels], detections.rles, image_id,
+            [eager.category_ids[label] for label in detections.labels], detections.rles, image_id,
         )
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results))

@@ -312,9 +312,9 @@ def eager_replay(source: str, dataset: Dataset, out: Path, *, score_threshold: f
 
     if threads is not None:
         torch.set_num_threads(threads)
-    model = eager_model(source, score_threshold)
+    eager = eager_model(source, score_threshold)
     started = time.perf_counter()
-    write_eager_results(model, dataset.coco, dataset.images, dataset.image_ids, out, progress=progress)
+    write_eager_results(eager, dataset.coco, dataset.images, dataset.image_ids, out, progress=progress)
     return time.perf_counter() - started
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from build_tools import cli
+from build_tools.classes import COCO_CATEGORY_IDS
 from build_tools.errors import BuildError
 from build_tools.export import ExportError, export_onnx
 from build_tools.images import list_images, read_rgb
@@ -19,7 +20,7 @@ from build_tools.pipeline import calibration_feeds, compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import canonical_precision, load_engine
 from service.backends.base import UnsupportedPrecision
-from service.manifest import COCO_CATEGORY_IDS, Manifest, ManifestError
+from service.manifest import Manifest, ManifestError
 
 
 def test_fp32_engine_matches_eager_on_photographs_of_several_sizes(engine_dir, reference_model, photos):

@@ -135,12 +135,22 @@ def test_unexpected_keys_are_named(tmp_path, mmdet_file):
         load_checkpoint(_edited(mmdet_file, tmp_path, add))
 
 
-def test_wrong_class_count_is_a_shape_error(tmp_path, mmdet_file):
+def test_a_head_whose_layers_disagree_on_the_class_count_names_them(tmp_path, mmdet_file):
     def widen(state):
         state["roi_head.bbox_head.fc_cls.weight"] = torch.zeros(92, 1024)
 
-    with pytest.raises(CheckpointError, match="shape mismatches: roi_heads.box_predictor.cls_score.weight"):
+    with pytest.raises(CheckpointError, match=r"disagree on the class count: roi_head.bbox_head.fc_cls.weight "
+                                              r"\(92, 1024\) holds 91 classes .*roi_head.bbox_head.fc_reg.weight "
+                                              r"\(320, 1024\) \(expected 364 rows\)"):
         load_checkpoint(_edited(mmdet_file, tmp_path, widen))
+
+
+def test_a_wrong_layer_shape_is_named(tmp_path, mmdet_file):
+    def narrow(state):
+        state["roi_head.bbox_head.shared_fcs.1.weight"] = torch.zeros(1024, 512)
+
+    with pytest.raises(CheckpointError, match=r"shape mismatches: roi_heads.box_head.fc7.weight \(1024, 512\)"):
+        load_checkpoint(_edited(mmdet_file, tmp_path, narrow))
 
 
 def test_random_init_is_deterministic():

@@ -1,14 +1,18 @@
-"""Our model against mmdetection's own Mask R-CNN R50-FPN, on the same mmdet checkpoint.
+"""Our model against mmdetection's own Mask R-CNN, on the same mmdet checkpoint.
 
-One random-init mmdet checkpoint (written with our ``save_mmdet_checkpoint``, BN statistics
-perturbed so their mapping matters) is loaded strictly by mmdet and by ``load_checkpoint``. Both run
+Three members of the family, each once: R50-FPN (mmdet's base config, written out in
+tests/mmdet_reference.py), R101-FPN (mmdet's config file ``mask-rcnn_r101_fpn_1x_coco``) and a
+custom-class ResNeXt-101 32x4d (``mask-rcnn_x101-32x4d_fpn_1x_coco`` with a 3-class head, the names
+in the checkpoint's meta). For each, one random-init mmdet checkpoint (written with our
+``save_mmdet_checkpoint``, BN statistics perturbed so their mapping matters) is loaded strictly by
+mmdet and by ``load_checkpoint``, which detects the backbone and the classes from it. Both run
 their full test path on real photographs: mmdet's ``inference_detector`` (its test pipeline,
 data preprocessor and ``test_step``), ours ``prepare_image`` + ``pad_batch`` -> ``MaskRCNN`` ->
 ``postprocess_image``. The stages are then compared one at a time, each on identical inputs, so a
 failure names the stage: preprocessing, backbone + FPN, RPN, box head, mask head, final detections.
 
 Needs ``scripts/setup_mmdet_reference.sh`` (mmdet, mmcv-lite and two compiled mmcv kernels);
-skipped otherwise. About 20 s of CPU per photograph.
+skipped otherwise. About 20 s of CPU per photograph for R50, twice that for the 101-layer ones.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from mmdet_reference import MMDetReference, ReferenceRun, unavailable_reason
+from mmdet_reference import (
+    MASK_RCNN_R50_FPN,
+    MMDetReference,
+    ReferenceRun,
+    unavailable_reason,
+    zoo_model_config,
+)
 from pycocotools import mask as coco_mask
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FrozenBatchNorm2d, box_iou
@@ -52,34 +62,70 @@ class PhotoRun:
 
 
 def perturb_batch_norms_(model, seed: int) -> None:
-    """Non-identity frozen BN statistics near identity, so a swapped or dropped BN buffer shows."""
+    """Non-identity frozen BN statistics near identity, so a swapped or dropped BN buffer shows. The
+    scales are perturbed multiplicatively: ``init_random_``'s scaled residual branches of deep stages
+    stay scaled (replaced by ~1, R101's features grow 5x and every RPN score saturates at 1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, FrozenBatchNorm2d):
                 n = module.weight.numel()
-                module.weight.copy_(1 + 0.1 * torch.randn(n, generator=gen))
+                module.weight.mul_(1 + 0.1 * torch.randn(n, generator=gen))
                 module.bias.copy_(0.1 * torch.randn(n, generator=gen))
                 module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
                 module.running_var.copy_(torch.exp(0.2 * torch.randn(n, generator=gen)))
 
 
+@dataclass(frozen=True)
+class Case:
+    """One member of the family: mmdet's config (None: ``MASK_RCNN_R50_FPN``), our architecture
+    fields, and the class names of a custom head (None: COCO's 80, not written in the meta)."""
+
+    name: str
+    config: str | None
+    arch: tuple[tuple[str, int], ...] = ()
+    classes: tuple[str, ...] | None = None
+
+
+CASES = (
+    Case("r50", None),
+    Case("r101", "mask-rcnn_r101_fpn_1x_coco", (("depth", 101),)),
+    Case("x101-32x4d-3-classes", "mask-rcnn_x101-32x4d_fpn_1x_coco",
+         (("depth", 101), ("groups", 32), ("width_per_group", 4)), ("helmet", "vest", "boot")),
+)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+def case(request) -> Case:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    model = init_random_(build_model("mmdet"), seed=0)
+def checkpoint(case, tmp_path_factory):
+    head = {} if case.classes is None else {"num_classes": len(case.classes) + 1,
+                                            "label_to_class": (-1, *range(len(case.classes)))}
+    model = init_random_(build_model("mmdet", **dict(case.arch), **head), seed=0)
     perturb_batch_norms_(model, seed=1)
-    return save_mmdet_checkpoint(model, tmp_path_factory.mktemp("mmdet") / "random_mask_rcnn.pth")
+    meta = {} if case.classes is None else {"dataset_meta": {"classes": case.classes}}
+    return save_mmdet_checkpoint(model, tmp_path_factory.mktemp("mmdet") / f"random_{case.name}.pth", meta=meta)
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    return MMDetReference(checkpoint)
+def reference(case, checkpoint):
+    model = MASK_RCNN_R50_FPN if case.config is None else zoo_model_config(
+        case.config, None if case.classes is None else len(case.classes))
+    return MMDetReference(checkpoint, model, case.classes)
 
 
 @pytest.fixture(scope="module")
-def ours(checkpoint):
+def ours(case, checkpoint):
     loaded = load_checkpoint(checkpoint)
     assert loaded.format == "mmdet"
+    config = loaded.model.config
+    assert {"depth": 50, "groups": 1, "width_per_group": 64, **dict(case.arch)} == {
+        "depth": config.depth, "groups": config.groups, "width_per_group": config.width_per_group}
+    if case.classes is not None:
+        assert loaded.class_names == case.classes
     return loaded.model
 
 
@@ -186,7 +232,7 @@ class RoIStage:
     ref_labels: torch.Tensor
     boxes: torch.Tensor  # ours
     scores: torch.Tensor
-    labels: torch.Tensor  # class index 0..79
+    labels: torch.Tensor  # class index 0..C-1
     probs: torch.Tensor  # our mask probabilities [K, 28, 28]
 
 

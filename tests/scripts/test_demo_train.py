@@ -1,12 +1,13 @@
-"""Tests of the demo trainer and evaluator (`scripts/demo/train.py`, `scripts/demo/eval.py`):
-a few steps on 128x128 crops of a tiny synthetic dataset, interrupted and resumed, written as an
-mmdet checkpoint and evaluated through the service's host code."""
+"""Tests of the demo trainer, its cache and the evaluator (`scripts/demo/train.py`,
+`scripts/demo/model_cache.py`, `scripts/demo/eval.py`): a few steps on 128x128 crops of a tiny
+synthetic dataset, interrupted and resumed, written as an mmdet checkpoint with the dataset's class
+names, reused from the cache, and evaluated through the service's host code."""
 
 from __future__ import annotations
 
 import json
 import signal
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,10 @@ import pytest
 import torch
 
 from build_tools.checkpoint import load_checkpoint
-from build_tools.classes import COCO_CATEGORY_IDS
 from build_tools.coco_eval import evaluate, load_coco
 from build_tools.model import InferenceConfig
-from scripts.demo import cli as demo_cli
-from scripts.demo.data import GenerationSettings, write_dataset
+from scripts.demo import cli as demo_cli, model_cache
+from scripts.demo.data import GenerationSettings, coco_categories, write_dataset
 from scripts.demo.eval import write_reference_results
 from scripts.demo.train import (
     LOSS_NAMES,
@@ -26,6 +26,7 @@ from scripts.demo.train import (
     TrainingCrops,
     TrainSettings,
     build_training_model,
+    dataset_classes,
     internal_label_of_category,
     load_state,
     set_training_mode,
@@ -35,11 +36,13 @@ from scripts.demo.train import (
     training_losses,
 )
 
-TINY = replace(TrainSettings(), iterations=4, batch_size=2, crop=128, lr=3e-4, warmup=1, save_every=2,
+# Bounded by iterations alone (no time bound), so the runs are deterministic.
+TINY = replace(TrainSettings(), iterations=4, minutes=None, batch_size=2, crop=128, warmup=1, save_every=2,
                roi_samples=64, bn_calibration_batches=2, precision="fp32")
-TINY_ARGS = ["--iterations", "4", "--batch-size", "2", "--crop", "128", "--lr", "3e-4", "--warmup", "1",
+TINY_ARGS = ["--iterations", "4", "--batch-size", "2", "--crop", "128", "--warmup", "1",
              "--save-every", "2", "--roi-samples", "64", "--bn-calibration-batches", "2", "--precision", "fp32",
              "--no-progress"]
+CLASS_NAMES = ("circle", "square", "triangle")
 
 
 @pytest.fixture(scope="module")
@@ -54,25 +57,34 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def straight_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The mmdet checkpoint of an uninterrupted TINY run, trained through the CLI."""
     out = tmp_path_factory.mktemp("straight") / "demo.pth"
-    assert demo_cli.main(["train", "--data", str(dataset), "--out", str(out), *TINY_ARGS]) == 0
+    # The CLI has a time bound always; a minute is far more than 4 tiny steps take.
+    assert demo_cli.main(["train", "--data", str(dataset), "--out", str(out), *TINY_ARGS, "--minutes", "60"]) == 0
     return out
 
 
-def test_category_ids_map_to_mmdet_labels_with_background_first():
-    label_of = internal_label_of_category(InferenceConfig.for_origin("mmdet"))
-    assert len(label_of) == 80
-    assert label_of[1] == 1  # person, the first COCO class
-    assert label_of[37] == 1 + COCO_CATEGORY_IDS.index(37)  # sports ball
-    assert sorted(label_of.values()) == list(range(1, 81))
+def test_dataset_categories_map_to_labels_with_background_first(dataset: Path):
+    classes = dataset_classes(load_coco(dataset / "annotations" / "instances_train.json"))
+    assert classes == ((1, "circle"), (2, "square"), (3, "triangle"))
+    assert internal_label_of_category(classes) == {1: 1, 2: 2, 3: 3}
+    assert internal_label_of_category(((7, "a"), (3, "b"))) == {7: 1, 3: 2}
+
+
+def test_time_bound_drives_the_schedule():
+    settings = replace(TrainSettings(), iterations=1000, minutes=10.0, warmup=10)
+    assert settings.progress(100, 0.0) == pytest.approx(0.1)
+    assert settings.progress(100, 300.0) == pytest.approx(0.5)  # half the time spent
+    assert settings.progress(5000, 0.0) == 1.0
+    assert settings.lr_at(0, 0.0) == pytest.approx(settings.lr / 1000)
+    assert settings.lr_at(10, 0.0) == pytest.approx(settings.lr)
+    assert settings.lr_at(500, 1.0) == pytest.approx(settings.lr * settings.final_lr_fraction)
 
 
 def test_crops_are_deterministic_and_targets_match_masks(dataset: Path):
-    config = InferenceConfig.for_origin("mmdet")
-    crops = TrainingCrops(dataset, "train", config, TINY)
+    crops = TrainingCrops(dataset, "train", InferenceConfig.for_origin("mmdet"), TINY)
     first, again = crops.batch(5, 2), crops.batch(5, 2)
     assert first.images.shape == (2, 3, 128, 128)
     torch.testing.assert_close(first.images, again.images, rtol=0, atol=0)
-    valid_labels = set(internal_label_of_category(config).values())
+    valid_labels = {1, 2, 3}
     objects = 0
     for target, size in zip(first.targets, first.image_sizes):
         assert size.tolist() == [128, 128]  # resized images are far larger than the crop
@@ -90,9 +102,9 @@ def test_training_reduces_the_loss_of_a_fixed_batch(dataset: Path, straight_run:
         with torch.no_grad():
             return float(sum(training_losses(model, batch).values()))
 
-    initial = build_training_model(TINY)
+    initial = build_training_model(TINY, CLASS_NAMES)
     batch = TrainingCrops(dataset, "train", initial.config, TINY).batch(0, 2)  # trained on
-    trained = build_training_model(TINY)
+    trained = build_training_model(TINY, CLASS_NAMES)
     state = load_state(state_path_for(straight_run))
     trained.load_state_dict(state["model"])
     assert state["bn_frozen"]  # TINY freezes the BN statistics half-way
@@ -101,14 +113,15 @@ def test_training_reduces_the_loss_of_a_fixed_batch(dataset: Path, straight_run:
     assert after < 0.75 * before, (before, after)
 
 
-def test_checkpoint_is_mmdet_and_computes_what_the_trained_model_does(straight_run: Path):
+def test_checkpoint_is_mmdet_with_class_names_and_computes_what_the_trained_model_does(straight_run: Path):
     raw = torch.load(straight_run, map_location="cpu", weights_only=True)
-    assert raw["state_dict"]["roi_head.bbox_head.fc_cls.weight"].shape == (81, 1024)
+    assert raw["state_dict"]["roi_head.bbox_head.fc_cls.weight"].shape == (4, 1024)  # 3 classes + background
     assert raw["meta"]["iterations"] == TINY.iterations
+    assert raw["meta"]["dataset_meta"]["classes"] == list(CLASS_NAMES)
     loaded = load_checkpoint(straight_run)
-    assert loaded.format == "mmdet"
+    assert loaded.format == "mmdet" and loaded.class_names == CLASS_NAMES
 
-    trained = build_training_model(TINY)
+    trained = build_training_model(TINY, CLASS_NAMES)
     trained.load_state_dict(load_state(state_path_for(straight_run))["model"])
     trained.eval()  # BatchNorm with running statistics == the frozen copy
     images = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(1))
@@ -154,14 +167,15 @@ def test_resume_without_state_is_a_usage_error(dataset: Path, tmp_path: Path, ca
 
 def test_reference_results_go_through_the_service_postprocess(dataset: Path, straight_run: Path, tmp_path: Path):
     # Every detection kept; small images keep the test fast.
-    model = load_checkpoint(straight_run, score_thresh=0.0, resize_scale=(400, 320)).model
+    loaded = load_checkpoint(straight_run, score_thresh=0.0, resize_scale=(400, 320))
+    model = loaded.model
     results_path = tmp_path / "results.json"
-    image_ids = write_reference_results(model, dataset, "val", results_path, limit=1, progress=False)
+    image_ids = write_reference_results(loaded, dataset, "val", results_path, limit=1, progress=False)
     results = json.loads(results_path.read_text())
     assert image_ids == [1] and len(results) == model.config.detections_per_img
     height, width = 0, 0
     for result in results:
-        assert result["image_id"] == 1 and result["category_id"] in COCO_CATEGORY_IDS
+        assert result["image_id"] == 1 and result["category_id"] in {c["id"] for c in coco_categories()}
         x, y, w, h = result["bbox"]
         height, width = result["segmentation"]["size"]
         assert 0 <= x <= x + w <= width and 0 <= y <= y + h <= height
@@ -169,3 +183,40 @@ def test_reference_results_go_through_the_service_postprocess(dataset: Path, str
     assert scores == sorted(scores, reverse=True)
     ap = evaluate(load_coco(dataset / "annotations" / "instances_val.json"), results, image_ids)
     assert set(ap) == {"bbox", "segm"} and all(-1 <= v <= 1 for s in ap.values() for v in s.values())
+
+
+def test_a_matching_cached_model_is_reused(dataset: Path, straight_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "cached.pth"
+    trained = train(dataset, out, TINY, progress=False)
+    assert trained.finished and not trained.cached
+    assert model_cache.read_record(out)["iterations"] == TINY.iterations
+    before = out.stat().st_mtime_ns
+    again = train(dataset, out, TINY, progress=False, on_step=lambda *_: pytest.fail("trained again"))
+    assert again.cached and again.finished and out.stat().st_mtime_ns == before
+    other = train(dataset, out, replace(TINY, iterations=2), progress=False)  # other settings: another key
+    assert other.finished and not other.cached
+    assert demo_cli.main(["train", "--data", str(dataset), "--out", str(straight_run), *TINY_ARGS,
+                          "--minutes", "60"]) == 0
+    assert "cached model" in capsys.readouterr().out
+
+
+def test_cache_key_changes_with_the_code_the_data_and_the_settings(dataset: Path, tmp_path: Path):
+    for name in model_cache.CODE_FILES:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((model_cache.REPO_ROOT / name).read_bytes())
+    annotations = json.loads((dataset / "annotations" / "instances_train.json").read_text())
+    settings = asdict(TrainSettings())
+    key = model_cache.cache_key(annotations, settings, tmp_path)
+    assert key == model_cache.cache_key(annotations, settings, tmp_path)
+    assert key == model_cache.cache_key(annotations, settings)  # the copy is the repository's code
+    keys = {key}
+    for name in model_cache.CODE_FILES:
+        edited = tmp_path / name
+        original = edited.read_bytes()
+        edited.write_bytes(original + b"\n# changed\n")
+        keys.add(model_cache.cache_key(annotations, settings, tmp_path))
+        edited.write_bytes(original)
+    other_data = {**annotations, "info": {**annotations["info"], "seed": annotations["info"]["seed"] + 1}}
+    keys.add(model_cache.cache_key(other_data, settings, tmp_path))
+    keys.add(model_cache.cache_key(annotations, {**settings, "lr": 0.01}, tmp_path))
+    assert len(keys) == len(model_cache.CODE_FILES) + 3
