@@ -65,9 +65,17 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of an :func:`open_image` result once its EXIF orientation is applied."""
+    """``(width, height)`` of an :func:`open_image` result once its EXIF orientation is applied.
+
+    Raises:
+        InvalidImage: the EXIF block cannot be read (PIL reads a PNG's pixel data to find it).
+    """
     width, height = image.size
-    if image.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING_ORIENTATIONS:
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as exc:  # truncated data or a malformed EXIF block: the client's data
+        raise InvalidImage(f"the {image.format} image data is corrupt or truncated: {exc}") from None
+    if orientation in _TRANSPOSING_ORIENTATIONS:
         return height, width
     return width, height
 

@@ -140,3 +140,12 @@ def test_a_large_jpeg_decodes_reduced_to_the_same_engine_input_geometry():
     assert decode_opened(open_image(encode(big, "PNG"), **limits), reduce_to=(w, h)).shape == (3000, 4000, 3)
     small = encode(gradient(800, 1000, seed=1), "JPEG")
     assert decode_opened(open_image(small, **limits), reduce_to=(w, h)).shape == (800, 1000, 3)
+
+
+def test_the_upright_size_of_a_truncated_png_is_a_client_error():
+    from service.decode import open_image, upright_size
+
+    png = encode(gradient(64, 64), "PNG")
+    header = open_image(png[: len(png) // 2], max_bytes=2**20, max_pixels=10**6, min_side=8)
+    with pytest.raises(InvalidImage, match="corrupt or truncated"):
+        upright_size(header)
