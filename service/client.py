@@ -63,21 +63,24 @@ class UnknownImageType(ValueError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Up to ``attempts`` tries of a request that was not connected or was answered with one of
-    ``statuses``; between tries the answer's Retry-After, else ``backoff_s * 2**(try - 1)``, at most
-    ``max_delay_s`` seconds. ``RetryPolicy(attempts=1)`` never retries (a load test counts the 503s)."""
+    """Up to ``attempts`` tries of a request that failed with one of ``transport_errors`` (default:
+    not connected) or was answered with one of ``statuses``; between tries the answer's Retry-After,
+    else ``backoff_s * 2**(try - 1)``, at most ``max_delay_s`` seconds. ``RetryPolicy(attempts=1)``
+    never retries (a load test counts the 503s)."""
 
     attempts: int = 5
     backoff_s: float = 0.5
     max_delay_s: float = 30.0
     statuses: frozenset[int] = RETRY_STATUSES
+    transport_errors: tuple[type[Exception], ...] = (httpx.ConnectError,)
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {self.attempts}")
 
     def retryable(self, error: BaseException) -> bool:
-        return isinstance(error, httpx.ConnectError) or (isinstance(error, AnswerError) and error.status in self.statuses)
+        return isinstance(error, self.transport_errors) or (
+            isinstance(error, AnswerError) and error.status in self.statuses)
 
     def delay_s(self, state: RetryCallState) -> float:
         """Seconds to wait after the failed try ``state.attempt_number``."""

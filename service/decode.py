@@ -49,7 +49,17 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -
     except Exception as exc:  # PIL raises many types on malformed headers; all are the client's data.
         raise InvalidImage(f"the image header is malformed: {exc}") from None
 
-    width, height = image.size
+    check_size(*image.size, max_pixels=max_pixels, min_side=min_side)
+    return image
+
+
+def check_size(width: int, height: int, *, max_pixels: int, min_side: int) -> None:
+    """The pixel limits, for an encoded image's header or raw pixels.
+
+    Raises:
+        PayloadTooLarge: more than ``max_pixels`` pixels.
+        InvalidImage: a side shorter than ``min_side`` pixels.
+    """
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height} = {width * height} pixels; "
@@ -57,7 +67,6 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int) -
         )
     if min(width, height) < min_side:
         raise InvalidImage(f"the image is {width}x{height}; each side must be at least {min_side} pixels")
-    return image
 
 
 # EXIF orientations that turn the image by 90 degrees (width and height trade places).

@@ -24,8 +24,8 @@ from starlette.requests import Request
 
 from service.batcher import Batched
 from service.admission import Reservation, image_bytes
-from service.decode import decode_opened, open_image, upright_size
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, PayloadTooLarge, ServiceError
+from service.decode import check_size, decode_opened, open_image, upright_size
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidImage, ServiceError
 from service.postprocess import ImageDetections, postprocess_image
 from service.preprocess import PreparedImage, prepare_image
 from service.request import PredictOptions, body_bytes_to_hold, discard_body
@@ -169,7 +169,7 @@ async def detect(
 
 
 def _checked_pixels(rgb: np.ndarray, max_pixels: int, min_side: int) -> np.ndarray:
-    """Decoded pixels within the pixel limits (the encoded-image path checks them in ``decode.open_image``).
+    """Decoded pixels within the pixel limits (``decode.check_size``, as encoded images are checked).
 
     Raises:
         InvalidImage: not uint8 ``[h, w, 3]``, or a side shorter than ``min_side``.
@@ -178,11 +178,7 @@ def _checked_pixels(rgb: np.ndarray, max_pixels: int, min_side: int) -> np.ndarr
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise InvalidImage(f"raw pixels must be uint8 [height, width, 3] RGB, got {rgb.dtype} {list(rgb.shape)}")
     height, width = rgb.shape[:2]
-    if width * height > max_pixels:
-        raise PayloadTooLarge(f"the image is {width}x{height} = {width * height} pixels; "
-                              f"the limit is {max_pixels} (MASKRCNN_MAX_PIXELS)")
-    if min(width, height) < min_side:
-        raise InvalidImage(f"the image is {width}x{height}; each side must be at least {min_side} pixels")
+    check_size(width, height, max_pixels=max_pixels, min_side=min_side)
     return np.ascontiguousarray(rgb)
 
 

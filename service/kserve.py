@@ -72,7 +72,7 @@ from starlette.responses import Response
 
 from service.errors import BadRequest, ModelNotFound, ProtocolErrorBody, UnsupportedMediaType, describe_validation_errors
 from service.inference import Inference, admitted, detect
-from service.request import PredictOptions, _read_body, merge_options
+from service.request import PredictOptions, read_body, merge_options
 from service.response import ClassTable
 from service.routes import API_KEY_GUARD, TIMEOUT_HEADER, RuntimeDep
 from service.runtime import Runtime
@@ -477,7 +477,7 @@ async def infer(
         _check_model(runtime, name, version)  # here, so that a refused body is drained like any other
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise UnsupportedMediaType("compressed request bodies (Content-Encoding) are not accepted")
-        body = await _read_body(request, max_body_bytes)
+        body = await read_body(request, max_body_bytes)
         return parse_infer_request(body, header_length, runtime.settings.max_queue_depth)
 
     async with admitted(runtime, request, timeout_ms, read_request) as admission:

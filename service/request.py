@@ -152,7 +152,7 @@ async def read_payload(request: Request, max_body_bytes: int) -> Payload:
             f"Content-Type {media_type or '(none)'!r} is not accepted; send {MULTIPART} with a file field "
             f"{IMAGE_FIELD!r}, {JSON} with base64 in {IMAGE_FIELD!r}, or a raw {', '.join(RAW_IMAGE_TYPES)} body"
         )
-    body = await _read_body(request, max_body_bytes)
+    body = await read_body(request, max_body_bytes)
     if media_type == MULTIPART:
         return await _from_multipart(request, body)
     if media_type == JSON:
@@ -160,7 +160,13 @@ async def read_payload(request: Request, max_body_bytes: int) -> Payload:
     return Payload(body, {})
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes (a declared longer one is refused before reading).
+
+    Raises:
+        PayloadTooLarge: longer than ``limit``.
+        ClientDisconnected: the client left while sending.
+    """
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")

@@ -44,15 +44,9 @@ from tqdm import tqdm
 
 from build_tools.coco_eval import IOU_TYPES, STAT_NAMES, evaluate, load_coco
 from scripts.tools.eager import EagerReferenceError, eager_model, write_eager_results
-from scripts.tools.http import (
-    RETRYABLE_STATUSES,
-    RetryableFailure,
-    RetryPolicy,
-    UnknownImageType,
-    image_headers,
-)
+from scripts.tools.http import UnknownImageType, image_headers, replay_retry_policy
 from scripts.tools.timing import latency_summary
-from service.client import AnswerError
+from service.client import AnswerError, RetryPolicy
 
 AP_NAMES = STAT_NAMES[:6]
 EXIT_FAILURES = 1
@@ -208,30 +202,33 @@ class Replay:
             raise ImageFailed(str(error)) from None
         params = {**self.params, "image_id": image_id}
         try:
-            return await self.policy.retrying()(self._attempt, image_id, body, headers, params)
-        except RetryableFailure as failure:
-            raise ImageFailed(str(failure)) from None
+            return await self.policy.async_retrying()(self._attempt, image_id, body, headers, params)
+        except AnswerError as failure:
+            raise ImageFailed(f"{failure.url}: {failure}") from None  # type: ignore[attr-defined]
+        except httpx.TransportError as failure:
+            raise ImageFailed(f"{failure.url}: {type(failure).__name__}: {failure}") from None  # type: ignore[attr-defined]
 
     async def _attempt(self, image_id: int, body: bytes, headers: dict[str, str], params: dict[str, Any]) -> Finished:
         """One request; its latency counts from sending to the answer.
 
         Raises:
-            RetryableFailure: a transport error or a retryable answer.
-            ImageFailed: any other error answer, or a 200 that is not this image's COCO results.
+            httpx.TransportError, AnswerError: a transport error or an error answer (``url`` says
+                where; the policy decides whether it is tried again).
+            ImageFailed: a 200 that is not this image's COCO results.
         """
         url = next(self._next_url)
         started = time.perf_counter()
         try:
             response = await self.client.post(url + "/predict", params=params, content=body, headers=headers)
         except httpx.TransportError as error:
-            raise RetryableFailure(f"{url}: {type(error).__name__}: {error}") from None
+            error.url = url  # type: ignore[attr-defined]
+            raise
         latency_s = time.perf_counter() - started
         if response.status_code == 200:
             return Finished(self._coco_entries(response, image_id), latency_s)
-        reason = f"{url}: {AnswerError.from_response(response)}"
-        if response.status_code in RETRYABLE_STATUSES:
-            raise RetryableFailure(reason, response.headers.get("Retry-After"))
-        raise ImageFailed(reason)
+        failure = AnswerError.from_response(response)
+        failure.url = url  # type: ignore[attr-defined]
+        raise failure
 
     @staticmethod
     def _coco_entries(response: httpx.Response, image_id: int) -> list[dict[str, Any]]:
@@ -441,7 +438,7 @@ def replay_service(dataset: Dataset, urls: list[str], args: argparse.Namespace) 
     try:
         return asyncio.run(replay_dataset(
             dataset, urls, log, finished, concurrency=args.concurrency, score_threshold=args.score_threshold,
-            policy=RetryPolicy(args.retries, args.backoff), timeout_s=args.timeout, progress=not args.no_progress,
+            policy=replay_retry_policy(args.retries, args.backoff), timeout_s=args.timeout, progress=not args.no_progress,
         ))
     except KeyboardInterrupt:
         print(f"interrupted; the answers so far are kept in {log.path}: rerun the same command to resume", file=sys.stderr)

@@ -31,7 +31,7 @@ from scripts.tools.eval_replay import (
     Replay,
     main,
 )
-from scripts.tools.http import RetryPolicy
+from scripts.tools.http import replay_retry_policy
 
 BIN = Path(sys.executable).parent
 IMAGES = 3
@@ -151,7 +151,7 @@ def test_unreachable_service_fails_listing_every_image_id(dataset, tmp_path, cap
     assert ProgressLog.path_for(out).read_text().count("\n") == 1  # the header only
 
 
-def run_replay(handler, urls=("http://a", "http://b"), policy=RetryPolicy(retries=2, backoff_s=0.0)) -> Finished:
+def run_replay(handler, urls=("http://a", "http://b"), policy=replay_retry_policy(retries=2, backoff_s=0.0)) -> Finished:
     async def go() -> Finished:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
             return await Replay(client, list(urls), {"format": "coco"}, policy, 10.0).predict(7, b"\xff\xd8\xff\xe0")
