@@ -65,6 +65,7 @@ from torchvision.ops import (
 from torchvision.ops.poolers import _convert_to_roi_format
 
 from build_tools.classes import label_layout
+from service.postprocess import PasteRule
 from service.preprocess import InputSpec
 
 Origin = Literal["mmdet", "torchvision"]
@@ -155,11 +156,11 @@ class InferenceConfig:
                 rpn_min_size=1e-3,
                 box_min_size=1e-2,
                 notes=(
-                    "Host resize uses cv2 bilinear on uint8 before normalisation; torchvision "
-                    "resizes the normalised float tensor (torch bilinear).",
+                    "The host resizes the normalised image as torchvision does (floored sides, bilinear), with "
+                    "OpenCV: within 5e-4 of torch's values (0.03 grey levels).",
                     "Detections of unused label slots (torchvision's 11 unused COCO category ids) are dropped.",
-                    "Masks are pasted the mmdet way (grid-sample bilinear), not torchvision's "
-                    "expand-and-resize.",
+                    "Boxes and masks return to the image as torchvision's resize_boxes and paste_masks_in_image "
+                    "do (pixels differ only where a value is within float32 rounding of 0.5).",
                 ),
             )
         raise ValueError(f"unknown checkpoint origin {origin!r}; expected 'mmdet' or 'torchvision'")
@@ -175,8 +176,18 @@ class InferenceConfig:
 
     def input_spec(self) -> InputSpec:
         """The host preprocessing these settings expect (mean/std in RGB uint8 units, keep-ratio
-        resize to ``resize_scale`` = (long, short) edges, padding to ``pad_divisor``)."""
-        return InputSpec(mean=self.mean, std=self.std, resize_scale=self.resize_scale, pad_divisor=self.pad_divisor)
+        resize to ``resize_scale`` = (long, short) edges, padding to ``pad_divisor``), rounded and
+        ordered as the origin does: torchvision floors the resized sides and resizes the normalised
+        image; mmdet rounds half up and resizes the uint8 image."""
+        torchvision = self.origin == "torchvision"
+        return InputSpec(mean=self.mean, std=self.std, resize_scale=self.resize_scale, pad_divisor=self.pad_divisor,
+                         rounding="floor" if torchvision else "half_up",
+                         resize_input="normalized" if torchvision else "uint8")
+
+    @property
+    def paste_rule(self) -> PasteRule:
+        """How boxes return to original pixels and masks are pasted on the host: the origin's own."""
+        return "torchvision" if self.origin == "torchvision" else "mmdet"
 
 
 def clip_boxes(boxes: Tensor, size: Tensor) -> Tensor:

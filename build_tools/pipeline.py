@@ -154,7 +154,7 @@ def build_manifest(info: ExportInfo, backend: str, precision: str, model_file: s
             padding="rows sorted by score; padding rows have label -1, score 0, zero box and mask",
         ),
         postprocess=PostprocessSection(score_threshold=config.score_thresh, mask_threshold=config.mask_threshold,
-                                       max_detections=n, paste="mmdet"),
+                                       max_detections=n, paste=config.paste_rule),
         classes=info.classes,
         checkpoint=info.checkpoint,
         inference_config=asdict(config),

@@ -48,7 +48,7 @@ from build_tools.reference import (
 from service.backends import Engine, load_engine
 from service.backends.base import cpu_cores
 from service.manifest import Manifest, ParityReport
-from service.postprocess import ImageDetections, postprocess_image
+from service.postprocess import ImageDetections, PasteRule, postprocess_image
 from service.preprocess import InputSpec, PreparedImage, pad_batch, prepare_image
 
 
@@ -82,10 +82,11 @@ def batches(prepared: Sequence[PreparedImage], batch_size: int, divisor: int):
         yield chunk, images, sizes
 
 
-def to_detections(outputs: dict[str, np.ndarray], i: int, item: PreparedImage, mask_threshold: float) -> ImageDetections:
+def to_detections(outputs: dict[str, np.ndarray], i: int, item: PreparedImage, mask_threshold: float,
+                  paste: PasteRule = "mmdet") -> ImageDetections:
     return postprocess_image(
         outputs["dets"][i], outputs["labels"][i], outputs["masks"][i], item.scale_factor, item.orig_hw,
-        score_threshold=0.0, mask_threshold=mask_threshold,
+        score_threshold=0.0, mask_threshold=mask_threshold, paste=paste,
     )
 
 
@@ -174,10 +175,12 @@ def run_detections(
     batch_size: int,
     divisor: int,
     mask_threshold: float = 0.5,
+    paste: PasteRule = "mmdet",
     warmup: int = 1,
     progress=None,
 ) -> tuple[list[ImageDetections], dict[str, list[float]]]:
-    """Detections of ``infer`` on ``prepared`` after the host postprocess, and per-image seconds
+    """Detections of ``infer`` on ``prepared`` after the host postprocess (``paste``: the origin's
+    box rescale and mask paste, as the service applies it), and per-image seconds
     (``infer``, ``postprocess``: one value per batch, divided by the images in it). ``warmup``
     untimed runs of the first batch come first."""
     chunks = list(batches(prepared, batch_size, divisor))
@@ -189,7 +192,7 @@ def run_detections(
         t0 = time.perf_counter()
         out = infer(images, sizes)
         t1 = time.perf_counter()
-        detections.extend(to_detections(out, i, item, mask_threshold) for i, item in enumerate(chunk))
+        detections.extend(to_detections(out, i, item, mask_threshold, paste) for i, item in enumerate(chunk))
         t2 = time.perf_counter()
         times["infer"].append((t1 - t0) / len(chunk))
         times["postprocess"].append((t2 - t1) / len(chunk))
@@ -235,6 +238,7 @@ def verify(
         warmup = 1 if -(-len(prepared) // batch_size) < 3 else 0
     threads = engine_threads(engine, threads)
     common = {"batch_size": batch_size, "divisor": spec.pad_divisor, "mask_threshold": mask_threshold,
+              "paste": engine.manifest.postprocess.paste,
               "warmup": warmup}
     bar = tqdm(total=2 * len(prepared), desc="verify (eager, engine)", unit="img", disable=not progress)
     with torch_threads(threads):

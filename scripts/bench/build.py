@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"AP reference: eager PyTorch on {len(ap_paths)} image(s) from {args.ap_images} ...")
         ap_prepared = [prepare_image(read_rgb(path), spec) for path in ap_paths]
         refs, _ = run_detections(eager_infer(reference), ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                 mask_threshold=mask_threshold, warmup=0)
+                                 mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
 
     gt_prepared, gt_ids, gt_eager = None, None, None
     if args.gt_data:
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"ground truth: eager PyTorch on {len(gt_ids)} image(s) of {ann} ...")
         gt_prepared = [prepare_image(read_rgb(gt_dir / coco.imgs[i]["file_name"]), spec) for i in gt_ids]
         dets, _ = run_detections(eager_infer(reference), gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                 mask_threshold=mask_threshold, warmup=0)
+                                 mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
         gt_eager = _gt_scores(dets, gt_ids, coco, category_ids)
 
     rows: list[dict] = []
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             if same_model and (engine.batch_size or 1) == batch:
                 _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: AP on {len(ap_prepared)} image(s) ...")
                 engs, _ = run_detections(engine.infer, ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                         mask_threshold=mask_threshold, warmup=0)
+                                         mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
                 ap = ap_against_reference(refs, engs)
                 delta = ap_delta_points(ap)
                 row.update(box_ap=ap["box_ap"], mask_ap=ap["mask_ap"], box_ap_delta_points=delta["box"],
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if gt_eager is not None and (engine.batch_size or 1) == batch:
             _progress(f"[{step + 1}/{total}] {m.backend} {m.precision}: ground-truth AP on {len(gt_ids)} image(s) ...")
             dets, _ = run_detections(engine.infer, gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                     mask_threshold=mask_threshold, warmup=0)
+                                     mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
             gt = _gt_scores(dets, gt_ids, coco, category_ids)
             row.update(gt_box_ap=gt["box"], gt_mask_ap=gt["mask"], gt_box_ap_delta_points=gt_eager["box"] - gt["box"],
                        gt_mask_ap_delta_points=gt_eager["mask"] - gt["mask"])

@@ -109,7 +109,7 @@ def write_eager_results(eager: EagerModel, coco: COCO, image_dir: Path, image_id
         detections = postprocess_image(
             outputs["dets"][0], outputs["labels"][0], outputs["masks"][0], prepared.scale_factor,
             prepared.orig_hw, score_threshold=config.score_thresh, mask_threshold=config.mask_threshold,
-            max_detections=config.detections_per_img,
+            max_detections=config.detections_per_img, paste=config.paste_rule,
         )
         results += coco_body(
             detections.boxes.tolist(), detections.scores.tolist(),
