@@ -24,7 +24,7 @@ if [ -z "$PY" ]; then
     done
 fi
 mkdir -p "$OUT" "$WORK"
-export MASKRCNN_TRT_TIMING_CACHE="$WORK/timing.cache"   # shared by every TensorRT build below
+TIMING_CACHE="$WORK/timing.cache"   # shared by every TensorRT build below (--tensorrt-timing-cache)
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 
@@ -134,19 +134,19 @@ build_and_measure() {
     for precision in fp32 fp16; do
         local name="trt-$precision-b$b"
         step "$name" 300 "$PY" -m build_tools.cli compile "$WORK/export-b$b" --backend tensorrt \
-            --precision "$precision" "${verify[@]}" --out "$WORK/$name" || continue
+            --tensorrt-timing-cache "$TIMING_CACHE" --precision "$precision" "${verify[@]}" --out "$WORK/$name" || continue
         cp "$WORK/$name/manifest.json" "$OUT/$name.manifest.json"
         if [ "$b" -eq 1 ]; then
             step "$name-vs-ort" 180 "$PY" - "$WORK/ort-fp32-b1" "$WORK/$name" "$WORK/photos" "$OUT/$name.vs-ort.json" <<'EOF'
 import json, sys
 sys.path.insert(0, "tests")
 from engine_reference import EngineAsReference  # the adapter the parity tests use
-from build_tools.pipeline import input_spec_of
-from build_tools.verify import Tolerance, check_tolerance, list_images, verify
+from build_tools.images import list_images
+from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import load_engine
 reference, engine = load_engine(sys.argv[1]), load_engine(sys.argv[2])
 report = verify(EngineAsReference(reference), engine, list_images(sys.argv[3]),
-                input_spec_of(engine.manifest.inference_config), progress=False)
+                engine.manifest.input.spec, progress=False)
 report.update(device_api=engine.device_api, failures_at_fp32_tolerance=check_tolerance(report, Tolerance.for_precision("fp32")))
 json.dump(report, open(sys.argv[4], "w"), indent=2)
 print(json.dumps(report, indent=2))
