@@ -5,6 +5,8 @@ preprocess -> batcher -> engine pool -> postprocess) and shapes the answer with 
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +18,7 @@ from starlette.responses import FileResponse, Response
 
 from service.draw import overlay_png
 from service.errors import ErrorBody, Unauthorized
-from service.inference import admitted, detect
+from service.inference import Inference, admitted, detect
 from service.manifest import Manifest
 from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
 from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
@@ -92,10 +94,7 @@ TimeoutHeader = Annotated[
 async def predict(
     request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
-    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
-        options = merge_options(query, admission.payload.options)
-        result = await detect(runtime, request, admission.payload.image, options, admission.started,
-                              admission.deadline, admission.reservation)
+    async with _detected(runtime, request, query, timeout_ms) as (options, result):
         return build_response(result.detections, runtime.classes, result.image.orig_hw, result.seconds,
                               response_format=options.format, image_id=options.image_id)
 
@@ -115,12 +114,21 @@ async def predict(
 async def render(
     request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
-    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
-        options = merge_options(query, admission.payload.options)
-        result = await detect(runtime, request, admission.payload.image, options, admission.started,
-                              admission.deadline, admission.reservation, keep_pixels=True)
+    async with _detected(runtime, request, query, timeout_ms, keep_pixels=True) as (_, result):
         png = await run_in_threadpool(overlay_png, result.pixels, result.detections, runtime.classes)
         return Response(png, media_type="image/png")
+
+
+@asynccontextmanager
+async def _detected(
+    runtime: Runtime, request: Request, query: PredictOptions, timeout_ms: float | None, keep_pixels: bool = False
+) -> AsyncIterator[tuple[PredictOptions, Inference]]:
+    """/predict's and /render's request: admitted, its body read, its options merged with the
+    query's, its image detected; the request holds its memory until the block ends."""
+    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
+        options = merge_options(query, admission.payload.options)
+        yield options, await detect(runtime, request, admission.payload.image, options, admission.started,
+                                    admission.deadline, admission.reservation, keep_pixels=keep_pixels)
 
 
 @probes.get("/healthz", summary="Liveness: the process is up")
