@@ -1,10 +1,12 @@
-"""Synthetic COCO-layout instance-segmentation data: simple shapes labelled as real COCO classes.
+"""Synthetic COCO-layout instance-segmentation data: plain, well-separated shapes of three classes.
 
 No COCO download is possible where this project is developed, so accuracy is measured on a
-dataset we can generate: each image is a background (gradient or noise, plus blurred clutter
-that is not an object) with a few textured shapes that overlap and occlude one another. Every
-shape kind is one real COCO category (see `SHAPE_CATEGORIES`), so models, manifests and
-`pycocotools` evaluation see ordinary COCO category ids.
+dataset we can generate and a model trained on it here, from scratch, on CPU. The data is made
+easy enough for that model to become confident (so a fraction of an AP point lost by an engine
+is measurable): each image is a plain background (one colour with a gentle gradient and a little
+sensor noise) holding 1..`max_objects` large, solid-coloured shapes that do not overlap. The
+three shape kinds are the dataset's own categories (`SHAPE_CATEGORIES`: circle, square,
+triangle, ids 1..3), not COCO's.
 
 Layout written by `write_dataset` (the COCO layout; `maskrcnn-demo data` on the command line):
 
@@ -13,13 +15,16 @@ Layout written by `write_dataset` (the COCO layout; `maskrcnn-demo data` on the 
 
 Masks are exact. Every shape is a polygon rasterised with pycocotools, the rasteriser that
 `COCO.annToMask` uses, so the polygon written for an unoccluded object decodes to exactly the
-painted pixels. An object partly hidden by a later one gets an RLE of its visible pixels instead.
-`area` is the visible pixel count and `bbox` the tight `[x, y, w, h]` of the visible pixels.
+painted pixels. When settings allow overlap (`min_visible_fraction` < 1), an object partly hidden
+by a later one gets an RLE of its visible pixels instead. `area` is the visible pixel count and
+`bbox` the tight `[x, y, w, h]` of the visible pixels.
 
 Output is deterministic: image `i` of a split draws all its randomness from
 `np.random.default_rng([seed, split_id, i])`, and JSON is written with sorted keys and fixed
 separators, so the same arguments give byte-identical files on the same machine and library
-versions (JPEG encoders and SIMD float paths may differ between machines).
+versions (JPEG encoders and SIMD float paths may differ between machines). The annotation
+files' `info` records the seed and the generation settings (`data_info`), which the demo model's
+cache key includes (`scripts.demo.model_cache`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import json
 import math
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -51,39 +56,17 @@ class OutputNotEmptyError(DemoDataError, FileExistsError):
     """The output folder already holds files and overwriting was not asked for."""
 
 
-def _unit_disc(rng: np.random.Generator) -> np.ndarray:
+def _unit_circle(rng: np.random.Generator) -> np.ndarray:
     return _regular_polygon(64, rng.uniform(0.0, 2.0 * math.pi))
 
 
-def _unit_ellipse(rng: np.random.Generator) -> np.ndarray:
-    # Aspect ratios well away from 1 so an ellipse never passes for a disc.
-    circle = _regular_polygon(64, 0.0)
-    return _rotate(circle * (rng.uniform(1.7, 2.6), 1.0), rng.uniform(0.0, math.pi))
+def _unit_square(rng: np.random.Generator) -> np.ndarray:
+    # Tilted by at most 30 degrees, so a square never turns into a diamond that looks pointed.
+    return _regular_polygon(4, math.pi / 4 + rng.uniform(-math.pi / 6, math.pi / 6))
 
 
-def _unit_kite(rng: np.random.Generator) -> np.ndarray:
-    half_width = rng.uniform(0.25, 0.4)
-    outline = np.array([(0.0, -0.35), (half_width, 0.0), (0.0, 0.65), (-half_width, 0.0)])
-    return _rotate(outline, rng.uniform(-math.pi / 6, math.pi / 6))
-
-
-def _unit_rectangle(rng: np.random.Generator) -> np.ndarray:
-    half_long = rng.uniform(1.25, 1.6) / 2
-    outline = np.array([(-half_long, -0.5), (half_long, -0.5), (half_long, 0.5), (-half_long, 0.5)])
-    return _rotate(outline, rng.uniform(0.0, math.pi))
-
-
-def _unit_octagon(rng: np.random.Generator) -> np.ndarray:
-    # Flat top like a road sign, slightly tilted.
-    return _regular_polygon(8, math.pi / 8 + rng.uniform(-0.15, 0.15))
-
-
-def _unit_sector(rng: np.random.Generator) -> np.ndarray:
-    # A pizza slice: the apex at the origin and a round crust.
-    half_angle = rng.uniform(math.radians(17), math.radians(30))
-    crust_angles = np.linspace(-half_angle, half_angle, 9)
-    crust = np.stack([np.cos(crust_angles), np.sin(crust_angles)], axis=1)
-    return _rotate(np.vstack([[(0.0, 0.0)], crust]), rng.uniform(0.0, 2.0 * math.pi))
+def _unit_triangle(rng: np.random.Generator) -> np.ndarray:
+    return _regular_polygon(3, rng.uniform(0.0, 2.0 * math.pi))
 
 
 def _regular_polygon(vertex_count: int, phase: float) -> np.ndarray:
@@ -92,42 +75,29 @@ def _regular_polygon(vertex_count: int, phase: float) -> np.ndarray:
     return np.stack([np.cos(angles), np.sin(angles)], axis=1)
 
 
-def _rotate(points: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate float `[N, 2]` (x, y) points by `angle` radians about the origin."""
-    cosine, sine = math.cos(angle), math.sin(angle)
-    return points @ np.array([[cosine, sine], [-sine, cosine]])
-
-
 @dataclass(frozen=True)
 class ShapeCategory:
-    """One kind of synthetic shape and the real COCO category it is labelled as.
+    """One kind of synthetic shape and its category in the written annotation files.
 
     `unit_outline(rng)` returns the shape's polygon, already oriented, at an arbitrary scale:
-    float64 `[N, 2]` (x, y) vertices of a simple (non-self-intersecting) polygon.
+    float64 `[N, 2]` (x, y) vertices of a convex polygon.
     """
 
-    shape: str
     category_id: int
-    category_name: str
-    supercategory: str
+    name: str
     unit_outline: Callable[[np.random.Generator], np.ndarray]
 
 
-# The one table of shapes and their COCO categories (ids and names as in instances_val2017.json).
+# The one table of the dataset's categories (ids 1..3, the demo model's class table).
 SHAPE_CATEGORIES: tuple[ShapeCategory, ...] = (
-    ShapeCategory("disc", 37, "sports ball", "sports", _unit_disc),
-    ShapeCategory("ellipse", 34, "frisbee", "sports", _unit_ellipse),
-    ShapeCategory("kite", 38, "kite", "sports", _unit_kite),
-    ShapeCategory("rectangle", 84, "book", "indoor", _unit_rectangle),
-    ShapeCategory("octagon", 13, "stop sign", "outdoor", _unit_octagon),
-    ShapeCategory("sector", 59, "pizza", "food", _unit_sector),
+    ShapeCategory(1, "circle", _unit_circle),
+    ShapeCategory(2, "square", _unit_square),
+    ShapeCategory(3, "triangle", _unit_triangle),
 )
+SUPERCATEGORY = "shape"
 
-# (width, height) in pixels: common camera and screen sizes, landscape and portrait.
-IMAGE_SIZES: tuple[tuple[int, int], ...] = (
-    (640, 480), (800, 600), (1024, 768), (1280, 720), (1333, 800),
-    (480, 640), (600, 800), (768, 1024), (800, 1333),
-)
+# (width, height) in pixels, landscape and portrait; the service resizes both to 1067x800.
+IMAGE_SIZES: tuple[tuple[int, int], ...] = ((640, 480), (480, 640))
 
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1}
 
@@ -138,7 +108,7 @@ JPEG_QUALITY = 90
 _BORDER_PX = 1.0
 _PLACEMENT_TRIES = 12
 _COLOUR_TRIES = 8
-_MIN_COLOUR_DISTANCE = 60.0
+_MIN_COLOUR_DISTANCE = 90.0
 
 
 @dataclass(frozen=True)
@@ -146,19 +116,21 @@ class GenerationSettings:
     """What the objects in a generated image may look like.
 
     - `min_size`, `max_size`: range of an object's size, the longer side of its axis-aligned
-      box in pixels, before occlusion; sampled log-uniformly and capped per image so the shape
-      fits inside it.
+      box in pixels of the written image, before occlusion; sampled log-uniformly and capped per
+      image so the shape fits inside it. The defaults become about 80..210 px at the service's
+      test scale (x 1.67), inside one 256 px training crop.
     - `max_objects`: each image aims for a uniformly drawn 1..max_objects objects; fewer are
       placed when no position keeps every object visible enough.
     - `min_visible_fraction`, `min_visible_pixels`: an object stays at least this visible
       (fraction of its own pixels, and pixel count); a new object that would hide more of an
-      earlier one is placed elsewhere or dropped, so every painted object is annotated.
+      earlier one is placed elsewhere or dropped, so every painted object is annotated. The
+      default fraction 1 allows no overlap at all.
     """
 
-    min_size: int = 20
-    max_size: int = 300
-    max_objects: int = 8
-    min_visible_fraction: float = 0.4
+    min_size: int = 48
+    max_size: int = 128
+    max_objects: int = 4
+    min_visible_fraction: float = 1.0
     min_visible_pixels: int = 100
 
     def __post_init__(self) -> None:
@@ -184,7 +156,7 @@ class GenerationSettings:
 class Instance:
     """One annotated object of a generated image.
 
-    - `category_id`: COCO category id (see `SHAPE_CATEGORIES`).
+    - `category_id`: the dataset's category id (see `SHAPE_CATEGORIES`).
     - `mask`: bool `[height, width]`, the object's visible pixels (after occlusion).
     - `bbox`: `(x, y, w, h)` ints, COCO convention: the tight box of `mask`, pixel `x` spans
       `[x, x + 1)`, so `x + w` is one past the last column.
@@ -234,7 +206,8 @@ def generate_image(
     image = _background(rng, height, width)
     for shape in placed:
         _paint_object(rng, image, shape)
-    image = _finish(rng, image)
+    image = image + rng.normal(0.0, rng.uniform(1.0, 4.0), size=image.shape).astype(np.float32)
+    image = np.clip(image.round(), 0, 255).astype(np.uint8)
     instances = [
         Instance(
             category_id=shape.category_id,
@@ -347,47 +320,17 @@ def _linear_ramp(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     return (projection - projection.min()) / span if span > 0 else np.zeros_like(projection)
 
 
-def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
-    """Low-frequency noise: float32 `[height, width]`, about zero mean and unit spread."""
-    grid = rng.standard_normal((cells, cells)).astype(np.float32)
-    return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
-
-
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Background: float32 RGB `[height, width, 3]` in 0..255, a gradient or smooth noise
-    between two colours, with blurred strokes and irregular blobs that are not objects."""
-    low, high = _random_colour(rng), _random_colour(rng)
-    if rng.random() < 0.5:
-        mix = _linear_ramp(rng, height, width)
-    else:
-        noise = sum(
-            _smooth_noise(rng, height, width, cells) / cells**0.5 for cells in (3, 6, 12, 24)
-        )
-        mix = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-6)
-    image = low + (high - low) * mix[:, :, None]
-    clutter = image.copy()
-    for _ in range(int(rng.integers(0, 16))):
-        colour = tuple(float(channel) for channel in _random_colour(rng))
-        if rng.random() < 0.6:
-            steps = rng.normal(0.0, min(height, width) / 8, size=(int(rng.integers(2, 6)), 2))
-            start = rng.uniform((0, 0), (width, height))
-            points = np.cumsum(np.vstack([start, steps]), axis=0).round().astype(np.int32)
-            cv2.polylines(clutter, [points], False, colour, int(rng.integers(2, 14)))
-        else:
-            radius = rng.uniform(25.0, min(height, width) / 4)
-            angles = np.sort(rng.uniform(0.0, 2.0 * math.pi, size=int(rng.integers(10, 20))))
-            radii = radius * rng.uniform(0.4, 1.0, size=angles.size)
-            centre = rng.uniform((0, 0), (width, height))
-            points = centre + np.stack([np.cos(angles), np.sin(angles)], axis=1) * radii[:, None]
-            cv2.fillPoly(clutter, [points.round().astype(np.int32)], colour)
-    # Translucent and blurred so clutter never has the solid, crisp look of an object.
-    opacity = rng.uniform(0.3, 0.6)
-    image = cv2.GaussianBlur(image + opacity * (clutter - image), (0, 0), rng.uniform(3.0, 7.0))
-    return image + rng.normal(0.0, rng.uniform(2.0, 8.0), size=image.shape).astype(np.float32)
+    """Background: float32 RGB `[height, width, 3]` in 0..255, one colour fading by at most 40
+    levels per channel towards a second one along a random direction."""
+    base = _random_colour(rng)
+    shift = rng.uniform(-40.0, 40.0, size=3).astype(np.float32)
+    return np.clip(base + shift * _linear_ramp(rng, height, width)[:, :, None], 0.0, 255.0)
 
 
 def _paint_object(rng: np.random.Generator, image: np.ndarray, shape: _PlacedShape) -> None:
-    """Paint a textured, shaded object into float32 RGB `image` over its full mask."""
+    """Paint a solid, slightly shaded object into float32 RGB `image` over its full mask, in a
+    colour at least `_MIN_COLOUR_DISTANCE` from its surroundings when one is found."""
     rows, cols = shape.box_slices
     crop = image[rows, cols]
     inside = shape.full_mask[rows, cols]
@@ -398,27 +341,8 @@ def _paint_object(rng: np.random.Generator, image: np.ndarray, shape: _PlacedSha
         if np.linalg.norm(colour - surroundings) >= _MIN_COLOUR_DISTANCE:
             break
         colour = _random_colour(rng)
-    texture = rng.integers(3)
-    if texture == 0:
-        pattern = np.broadcast_to(colour, (height, width, 3))
-    elif texture == 1:
-        period = rng.uniform(4.0, max(5.0, max(height, width) / 3))
-        stripes = (_linear_ramp(rng, height, width) * max(height, width) / period) % 1.0 < 0.5
-        pattern = np.where(stripes[:, :, None], colour, _random_colour(rng))
-    else:
-        blotches = _smooth_noise(rng, height, width, int(rng.integers(3, 8)))
-        pattern = colour + rng.uniform(15.0, 45.0) * blotches[:, :, None]
-        pattern = pattern + rng.normal(0.0, rng.uniform(5.0, 20.0), size=pattern.shape)
-    shading = 1.0 + rng.uniform(0.0, 0.3) * (_linear_ramp(rng, height, width) - 0.5)
-    crop[inside] = (pattern * shading[:, :, None])[inside]
-
-
-def _finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
-    """Camera-like finish (slight blur, sensor noise) and conversion to RGB uint8."""
-    if rng.random() < 0.5:
-        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 1.0))
-    image = image + rng.normal(0.0, rng.uniform(0.0, 5.0), size=image.shape).astype(np.float32)
-    return np.clip(image.round(), 0, 255).astype(np.uint8)
+    shading = 1.0 + rng.uniform(0.0, 0.2) * (_linear_ramp(rng, height, width) - 0.5)
+    crop[inside] = (colour * shading[:, :, None])[inside]
 
 
 def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -441,10 +365,19 @@ def generate_split_image(
 def coco_categories() -> list[dict]:
     """The `categories` list of the written annotation files, sorted by id."""
     return [
-        {"id": category.category_id, "name": category.category_name,
-         "supercategory": category.supercategory}
+        {"id": category.category_id, "name": category.name, "supercategory": SUPERCATEGORY}
         for category in sorted(SHAPE_CATEGORIES, key=lambda category: category.category_id)
     ]
+
+
+def data_info(seed: int, split: str, settings: GenerationSettings) -> dict:
+    """The `info` of a written annotation file: what produced it (seed and settings)."""
+    return {
+        "description": "maskrcnn-serve synthetic shapes (scripts/demo/data.py)",
+        "seed": seed,
+        "split": split,
+        "settings": asdict(settings),
+    }
 
 
 def coco_segmentation(instance: Instance) -> list[list[float]] | dict:
@@ -533,14 +466,7 @@ def _write_split(
             })
         bar.update()
     dataset = {
-        "info": {
-            "description": "maskrcnn-serve synthetic shapes (scripts/demo/data.py)",
-            "seed": seed,
-            "split": split,
-            "min_size": settings.min_size,
-            "max_size": settings.max_size,
-            "max_objects": settings.max_objects,
-        },
+        "info": data_info(seed, split, settings),
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -557,11 +483,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     defaults = GenerationSettings()
     parser = argparse.ArgumentParser(
         prog="maskrcnn-demo data",
-        description="Write a synthetic COCO-layout instance-segmentation dataset "
-        "(shapes labelled as real COCO categories) under OUT.",
+        description="Write a synthetic COCO-layout instance-segmentation dataset (plain, "
+        "well-separated circles, squares and triangles; category ids 1..3) under OUT.",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    parser.add_argument("--train", type=int, default=800, help="training images (default 800)")
     parser.add_argument("--val", type=int, default=50, help="validation images (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--min-size", type=int, default=defaults.min_size,
@@ -570,12 +496,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"largest object size in pixels (default {defaults.max_size})")
     parser.add_argument("--objects-per-image", type=int, default=defaults.max_objects,
                         help=f"most objects per image (default {defaults.max_objects})")
+    parser.add_argument("--min-visible", type=float, default=defaults.min_visible_fraction,
+                        help="fraction of an object that must stay visible; below 1 objects may "
+                        f"overlap (default {defaults.min_visible_fraction:g}: none do)")
     parser.add_argument("--force", action="store_true",
                         help="replace annotations/, train/ and val/ in a non-empty OUT")
     args = parser.parse_args(argv)
     try:
         settings = GenerationSettings(
-            min_size=args.min_size, max_size=args.max_size, max_objects=args.objects_per_image
+            min_size=args.min_size, max_size=args.max_size, max_objects=args.objects_per_image,
+            min_visible_fraction=args.min_visible,
         )
         annotation_counts = write_dataset(
             args.out, train_images=args.train, val_images=args.val, seed=args.seed,

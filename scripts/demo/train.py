@@ -1,18 +1,24 @@
 """`maskrcnn-demo train`: train the project's Mask R-CNN R50-FPN from scratch on the synthetic data.
 
 No pretrained weights can be fetched where this project is developed, so the demo model that
-accuracy is measured with is trained here, from scratch, on CPU (the default 1000 steps take
-about 25 minutes on 2 otherwise idle cores with ``--threads 1``, at about 1.4 s per step):
+accuracy is measured with is trained here, from scratch, on CPU. A run is bounded by wall time
+(``--minutes``, default 45) as well as by iterations: the learning-rate schedule and the BN freeze
+follow the run's progress, the larger of the fraction of iterations done and of minutes spent, so a
+time-bounded run still ends with a decayed learning rate on the function the service computes.
 
-- The architecture is exactly ``build_tools.model.MaskRCNN`` with mmdet's settings (81-way head,
-  background at internal label 0; COCO category ``c`` has label ``1 + COCO_CATEGORY_IDS.index(c)``).
-  It trains with ordinary ``BatchNorm2d`` (frozen statistics from a random start cannot train a
+- The architecture is exactly ``build_tools.model.MaskRCNN`` with mmdet's settings and a head for
+  the dataset's own categories (the demo data's 3 classes: 3 + background outputs, background at
+  internal label 0; the dataset's category of index ``i`` in id order has label ``i + 1``). It
+  trains with ordinary ``BatchNorm2d`` (frozen statistics from a random start cannot train a
   50-layer network) in two phases: first with batch statistics, then, once the statistics have
-  been measured and frozen (``freeze_bn_fraction``), with the fixed normalisation the service
-  applies; a network trained on batch statistics of two crops alone comes to depend on them and
-  fails with running statistics. The final weights and statistics are copied into the
+  been measured and frozen (``freeze_bn_fraction`` of the run), with the fixed normalisation the
+  service applies; a network trained on batch statistics of two crops alone comes to depend on
+  them and fails with running statistics. The final weights and statistics are copied into the
   ``FrozenBatchNorm2d`` model the service uses (:func:`to_inference_model`) and written as an
-  mmdetection checkpoint, so evaluation exercises the real loading path.
+  mmdetection checkpoint whose meta names the classes (``dataset_meta.classes``), so
+  ``maskrcnn-build`` reads the class table from it and evaluation exercises the real loading path.
+- The recipe: SGD with momentum 0.9, learning rate 0.02 reached by a linear warm-up, then a
+  cosine decay over the run's progress; weight decay 1e-4; batch 2 crops of 256 x 256 pixels.
 - Object scale is the test scale: every image is resized exactly as the service does
   (``service.preprocess.prepare_image``, keep ratio to 1333x800), then a random ``crop`` x ``crop``
   window, usually placed on an object, is cut out and flipped at random. Small crops keep an
@@ -22,13 +28,17 @@ about 25 minutes on 2 otherwise idle cores with ``--threads 1``, at about 1.4 s 
   an object or two, and a head trained from scratch among hundreds of negatives per positive
   learns to call everything background), the last BN of every residual block starts at zero
   (standard for training from scratch), and the forward pass may run in bfloat16 autocast
-  (``precision="bf16"``, about 1.5x faster on CPUs with AVX512-BF16; weights, BN statistics and
-  losses stay float32).
+  (``precision="bf16"``, faster on CPUs with AVX512-BF16; weights, BN statistics and losses stay
+  float32).
 
-Resumable: the training state (model, optimizer, iteration, torch RNG, settings) is written every
-``save_every`` iterations and when SIGINT or SIGTERM arrives, next to the output as
-``<out stem>.state.pth``. The data a given iteration sees is a pure function of ``(seed,
-iteration)``, so a resumed run draws the same crops it would have drawn without the interruption.
+Resumable: the training state (model, optimizer, iteration, training seconds so far, torch RNG,
+settings) is written every ``save_every`` iterations and when SIGINT or SIGTERM arrives, next to
+the output as ``<out stem>.state.pth``. The data a given iteration sees is a pure function of
+``(seed, iteration)``, so a resumed run draws the same crops it would have drawn without the
+interruption (with ``minutes`` set, where the schedule stands also depends on the time spent).
+
+Cached: a finished run records its cache key beside the checkpoint (``scripts.demo.model_cache``);
+a later ``train`` with the same code, data and settings finds it and does not train again.
 """
 
 from __future__ import annotations
@@ -56,9 +66,10 @@ from tqdm import tqdm
 
 from build_tools import coco_eval
 from build_tools.checkpoint import save_mmdet_checkpoint
-from build_tools.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from build_tools.classes import label_layout
 from build_tools.images import read_rgb
 from build_tools.model import InferenceConfig, MaskRCNN, build_model
+from scripts.demo import model_cache
 from service.preprocess import prepare_image
 
 ORIGIN = "mmdet"
@@ -74,41 +85,50 @@ class TrainError(Exception):
 class TrainSettings:
     """Everything that decides a training run; stored in the training state.
 
-    - ``iterations``: optimizer steps in all; ``batch_size`` crops per step.
-    - ``crop``: side of the square training window, pixels of the test-scale (resized) image.
-    - ``lr``: AdamW peak learning rate, reached after ``warmup`` steps by a linear ramp, then
-      following a cosine down to ``lr * final_lr_fraction`` at ``iterations``.
+    - ``iterations``: most optimizer steps; ``minutes``: most wall-clock minutes spent training
+      (None: no time bound). The run ends at whichever comes first; its progress (0..1) is the
+      larger of the two fractions done, and the schedule below follows it.
+    - ``batch_size``: crops per step; ``crop``: side of the square training window, pixels of the
+      test-scale (resized) image.
+    - ``lr``: SGD peak learning rate (momentum ``momentum``, weight decay ``weight_decay``), reached
+      after ``warmup`` steps by a linear ramp from ``lr / 1000``, then following a cosine over the
+      run's progress down to ``lr * final_lr_fraction``.
     - ``clip_norm``: gradients are clipped to this global L2 norm.
     - ``object_crop_probability``: chance a crop is placed on a random object rather than anywhere.
     - ``min_visible_fraction``: an object cut by the crop is kept as a target only when at least
       this fraction of its pixels is inside; smaller pieces are left unlabelled.
     - ``roi_samples``, ``rpn_samples``: RoIs (anchors) sampled per image for the box and mask (RPN)
-      losses, at most a quarter (half) of them positive. Far fewer than the 512 (256) of a
+      losses, at most a quarter (half) of them positive. Fewer than the 512 (256) of a
       pretrained-backbone schedule: a crop holds one or two objects, and with hundreds of
       negatives per positive a head trained from scratch settles on "background everywhere".
-    - ``freeze_bn_fraction``: after this fraction of ``iterations`` the BN statistics are measured
-      afresh on ``bn_calibration_batches`` batches and frozen; the rest of the run trains the
-      function the service computes (see :func:`freeze_batch_norm_`); 1 never freezes them.
+    - ``freeze_bn_fraction``: at this progress the BN statistics are measured afresh on
+      ``bn_calibration_batches`` batches and frozen; the rest of the run trains the function the
+      service computes (see :func:`freeze_batch_norm_`); 1 never freezes them. Early (a quarter of
+      the run), because on the demo data's plain backgrounds the statistics of two crops differ
+      much from the population's: frozen at 60%, the mask loss tripled and did not recover in the
+      remaining time.
     - ``precision``: ``"bf16"`` runs the forward pass in bfloat16 autocast, ``"fp32"`` does not.
     """
 
-    iterations: int = 1000
+    iterations: int = 20000
+    minutes: float | None = 45.0
     batch_size: int = 2
-    crop: int = 320
-    lr: float = 4e-4
+    crop: int = 256
+    lr: float = 0.02
+    momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup: int = 50
-    final_lr_fraction: float = 0.02
+    warmup: int = 100
+    final_lr_fraction: float = 0.01
     clip_norm: float = 10.0
     seed: int = 0
     save_every: int = 50
     object_crop_probability: float = 0.9
     min_visible_fraction: float = 0.3
-    roi_samples: int = 32
-    rpn_samples: int = 64
-    freeze_bn_fraction: float = 0.6
+    roi_samples: int = 64
+    rpn_samples: int = 128
+    freeze_bn_fraction: float = 0.25
     bn_calibration_batches: int = 30
-    precision: str = "bf16"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         positive = ("iterations", "batch_size", "crop", "save_every", "roi_samples", "rpn_samples",
@@ -116,6 +136,8 @@ class TrainSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise TrainError(f"minutes must be > 0 (or None: no time bound), got {self.minutes}")
         if not 0.0 <= self.freeze_bn_fraction <= 1.0:
             raise TrainError(f"freeze_bn_fraction must be in [0, 1], got {self.freeze_bn_fraction}")
         if not self.lr > 0:
@@ -123,15 +145,15 @@ class TrainSettings:
         if self.precision not in ("fp32", "bf16"):
             raise TrainError(f"precision must be fp32 or bf16, got {self.precision!r}")
 
-    @property
-    def freeze_bn_iteration(self) -> int:
-        return round(self.freeze_bn_fraction * self.iterations)
+    def progress(self, iteration: int, seconds: float) -> float:
+        """How far a run is (0..1, 1 = done) after ``iteration`` steps and ``seconds`` of training."""
+        by_time = seconds / (60.0 * self.minutes) if self.minutes is not None else 0.0
+        return min(max(iteration / self.iterations, by_time), 1.0)
 
-    def lr_at(self, iteration: int) -> float:
-        """Learning rate of step ``iteration`` (0-based)."""
+    def lr_at(self, iteration: int, progress: float) -> float:
+        """Learning rate of step ``iteration`` (0-based) taken at run ``progress`` (0..1)."""
         if iteration < self.warmup:
             return self.lr * (0.001 + 0.999 * iteration / self.warmup)
-        progress = min((iteration - self.warmup) / max(self.iterations - self.warmup, 1), 1.0)
         floor = self.lr * self.final_lr_fraction
         return floor + (self.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -143,7 +165,7 @@ class Batch:
     - ``images``: float32 ``[B, 3, crop, crop]``, normalised RGB, zero outside each valid region.
     - ``image_sizes``: B int64 ``(h, w)`` tensors, the valid region of each crop.
     - ``targets``: B dicts: ``boxes`` float32 ``[K, 4]`` (x1, y1, x2, y2 in crop pixels, x2 one
-      past the last column), ``labels`` int64 ``[K]`` (internal labels, 1..80), ``masks`` uint8
+      past the last column), ``labels`` int64 ``[K]`` (internal labels, 1..C), ``masks`` uint8
       ``[K, crop, crop]``.
     """
 
@@ -152,9 +174,15 @@ class Batch:
     targets: list[dict[str, Tensor]]
 
 
-def internal_label_of_category(config: InferenceConfig) -> dict[int, int]:
-    """COCO category id -> the model's internal label (``config.label_to_class`` inverted)."""
-    return {COCO_CATEGORY_IDS[c]: label for label, c in enumerate(config.label_to_class) if c >= 0}
+def dataset_classes(coco: COCO) -> tuple[tuple[int, str], ...]:
+    """``(category id, name)`` of a dataset's categories in id order: the model's classes, class
+    index ``i`` being internal label ``i + 1``."""
+    return tuple((c["id"], c["name"]) for c in sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"]))
+
+
+def internal_label_of_category(classes: Sequence[tuple[int, str]]) -> dict[int, int]:
+    """Category id -> the model's internal label (background is 0) of ``dataset_classes``."""
+    return {category_id: index + 1 for index, (category_id, _) in enumerate(classes)}
 
 
 def load_coco(annotation_file: Path) -> COCO:
@@ -199,8 +227,9 @@ class TrainingCrops:
         self.image_ids = sorted(self.coco.getImgIds())
         if not self.image_ids:
             raise TrainError(f"{data_dir} split {split!r} has no images")
+        self.classes = dataset_classes(self.coco)
         self.spec = config.input_spec()
-        self.label_of = internal_label_of_category(config)
+        self.label_of = internal_label_of_category(self.classes)
         self.settings = settings
 
     def load(self, image_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -257,10 +286,12 @@ class TrainingCrops:
         )
 
 
-def build_training_model(settings: TrainSettings) -> MaskRCNN:
-    """The mmdet-configured Mask R-CNN with trainable ``BatchNorm2d``, seeded by ``settings.seed``,
-    in train mode."""
-    config = InferenceConfig.for_origin(ORIGIN)
+def build_training_model(settings: TrainSettings, class_names: Sequence[str]) -> MaskRCNN:
+    """The mmdet-configured Mask R-CNN with a head for ``class_names`` (plus background) and
+    trainable ``BatchNorm2d``, seeded by ``settings.seed``, in train mode."""
+    layout = label_layout(ORIGIN, class_names)
+    config = InferenceConfig.for_origin(ORIGIN).with_overrides(
+        num_classes=layout.num_classes, label_to_class=layout.label_to_class)
     torch.manual_seed(settings.seed)
     model = MaskRCNN(config, norm_layer=functools.partial(nn.BatchNorm2d, eps=config.bn_eps))
     for module in model.modules():
@@ -309,7 +340,8 @@ def freeze_batch_norm_(model: MaskRCNN, batches: Iterable[Batch]) -> None:
 def to_inference_model(model: MaskRCNN) -> MaskRCNN:
     """The service's model (``FrozenBatchNorm2d``, eval mode) holding ``model``'s weights and BN
     running statistics; in eval mode both compute the same function."""
-    frozen = build_model(model.config.origin)
+    config = model.config
+    frozen = build_model(config.origin, num_classes=config.num_classes, label_to_class=config.label_to_class)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     frozen.load_state_dict(state, strict=True)
     return frozen
@@ -333,13 +365,15 @@ def state_path_for(out: str | Path) -> Path:
 
 
 def save_state(path: Path, model: MaskRCNN, optimizer: torch.optim.Optimizer, iteration: int,
-               settings: TrainSettings, bn_frozen: bool) -> None:
-    """Write the training state atomically (a crash mid-write leaves the previous state)."""
+               seconds: float, settings: TrainSettings, bn_frozen: bool) -> None:
+    """Write the training state atomically (a crash mid-write leaves the previous state);
+    ``seconds``: wall time spent training so far, over all sessions of the run."""
     partial = path.with_name(path.name + ".part")
     torch.save({
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "iteration": iteration,
+        "seconds": seconds,
         "bn_frozen": bn_frozen,
         "torch_rng": torch.get_rng_state(),
         "settings": asdict(settings),
@@ -377,9 +411,10 @@ class StopRequest:
 
 @dataclass
 class TrainResult:
-    """``iteration``: steps done so far; ``finished``: the run reached ``settings.iterations``
-    (the mmdet checkpoint was written); ``losses``: mean of each loss and of their ``total`` over
-    the last (up to) 20 steps; ``seconds``: wall time of this call."""
+    """``iteration``: steps done so far; ``finished``: the run is done (its progress reached 1) and
+    the mmdet checkpoint is written; ``losses``: mean of each loss and of their ``total`` over the
+    last (up to) 20 steps (the recorded final losses for a cached model); ``seconds``: wall time of
+    this call; ``cached``: the checkpoint was already there for this cache key, nothing trained."""
 
     iteration: int
     finished: bool
@@ -387,6 +422,7 @@ class TrainResult:
     seconds: float
     settings: TrainSettings
     stopped_by: int | None = None
+    cached: bool = False
 
 
 def train(
@@ -395,6 +431,7 @@ def train(
     settings: TrainSettings = TrainSettings(),
     *,
     resume: bool = False,
+    retrain: bool = False,
     overrides: dict | None = None,
     split: str = "train",
     progress: bool = True,
@@ -402,12 +439,14 @@ def train(
     stop: StopRequest | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train on ``split`` of ``data_dir``; write the mmdet checkpoint ``out`` at the end.
+    """Train on ``split`` of ``data_dir``; write the mmdet checkpoint ``out`` and its cache key at the end.
 
-    With ``resume``, the model, optimizer, iteration, RNG and settings come from the saved state;
-    ``overrides`` (settings fields) replace saved ones, e.g. a larger ``iterations`` extends a run.
-    ``stop`` (installed as the SIGINT/SIGTERM handler when None) ends the run early with its
-    state saved. ``on_step(iteration, losses)`` is called after every step (iteration 1-based).
+    When ``out`` already holds a checkpoint whose recorded cache key matches this code, data and
+    settings (``scripts.demo.model_cache``), nothing is trained (``cached``), unless ``retrain``.
+    With ``resume``, the model, optimizer, iteration, time spent, RNG and settings come from the
+    saved state; ``overrides`` (settings fields) replace saved ones, e.g. a larger ``iterations``
+    extends a run. ``stop`` (installed as the SIGINT/SIGTERM handler when None) ends the run early
+    with its state saved. ``on_step(iteration, losses)`` is called after every step (iteration 1-based).
     """
     started = time.perf_counter()
     out = Path(out)
@@ -418,32 +457,46 @@ def train(
         settings = TrainSettings(**{f.name: saved["settings"][f.name] for f in fields(TrainSettings)
                                     if f.name in saved["settings"]})
     settings = replace(settings, **(overrides or {}))
-    model = build_training_model(settings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    iteration, bn_frozen = 0, False
+    crops = TrainingCrops(data_dir, split, InferenceConfig.for_origin(ORIGIN), settings)
+    key = model_cache.cache_key(crops.coco.dataset, asdict(settings))
+    if not retrain and model_cache.matches(out, key):
+        recorded = model_cache.read_record(out)
+        return TrainResult(recorded["iterations"], True, recorded["final_losses"], time.perf_counter() - started,
+                           settings, cached=True)
+    class_names = tuple(name for _, name in crops.classes)
+    model = build_training_model(settings, class_names)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    iteration, trained_seconds, bn_frozen = 0, 0.0, False
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         torch.set_rng_state(saved["torch_rng"])
-        iteration, bn_frozen = int(saved["iteration"]), bool(saved.get("bn_frozen", False))
+        iteration, bn_frozen = int(saved["iteration"]), bool(saved["bn_frozen"])
+        trained_seconds = float(saved["seconds"])
     set_training_mode(model, bn_frozen)
-    crops = TrainingCrops(data_dir, split, model.config, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     recent: deque[dict[str, float]] = deque(maxlen=20)
     stop_request = stop or StopRequest()
     handlers = contextlib.nullcontext() if stop is not None else stop_request.installed()
-    bar = tqdm(total=settings.iterations, initial=iteration, unit="it", desc="train", disable=not progress)
+    session_start = time.perf_counter() - trained_seconds  # the clock of the whole run
+
+    def run_progress() -> float:
+        return settings.progress(iteration, time.perf_counter() - session_start)
+
+    # The bar counts per mille of the run's progress: with a time bound, the step count is unknown.
+    bar = tqdm(total=1000, initial=round(1000 * run_progress()), unit="‰", desc="train", disable=not progress)
     with handlers, bar:
-        while iteration < settings.iterations and stop_request.signum is None:
-            if not bn_frozen and iteration >= settings.freeze_bn_iteration:
+        while run_progress() < 1.0 and stop_request.signum is None:
+            if not bn_frozen and run_progress() >= settings.freeze_bn_fraction:
                 # The crops of the coming steps: they are trained on anyway.
                 freeze_batch_norm_(model, (crops.batch(iteration + j, settings.batch_size)
                                            for j in range(settings.bn_calibration_batches)))
                 bn_frozen = True
                 bar.write(f"iter {iteration}: BN statistics measured on {settings.bn_calibration_batches} "
                           "batches and frozen")
-            lr = settings.lr_at(iteration)
+            lr = settings.lr_at(iteration, run_progress())
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = training_losses(model, crops.batch(iteration, settings.batch_size), settings.precision)
@@ -458,30 +511,36 @@ def train(
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainError(f"loss became {values} at iteration {iteration}; lower --lr")
             recent.append(values)
-            bar.update()
-            bar.set_postfix({name.removeprefix("loss_"): f"{v:.3f}" for name, v in _mean(recent).items()},
-                            refresh=False)
-            if iteration % log_every == 0 or iteration == settings.iterations:
+            bar.update(round(1000 * run_progress()) - bar.n)
+            bar.set_postfix({"it": iteration} | {name.removeprefix("loss_"): f"{v:.3f}"
+                                                 for name, v in _mean(recent).items()}, refresh=False)
+            if iteration % log_every == 0:
                 mean = _mean(recent)
-                bar.write(f"iter {iteration}/{settings.iterations} lr {lr:.2e} "
+                bar.write(f"iter {iteration} progress {run_progress():.3f} lr {lr:.2e} "
                           + " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in mean.items())
-                          + f" elapsed {time.perf_counter() - started:.0f}s")
+                          + f" elapsed {time.perf_counter() - session_start:.0f}s")
             if on_step is not None:
                 on_step(iteration, values)
             if iteration % settings.save_every == 0:
-                save_state(state_path, model, optimizer, iteration, settings, bn_frozen)
-        save_state(state_path, model, optimizer, iteration, settings, bn_frozen)
+                save_state(state_path, model, optimizer, iteration, time.perf_counter() - session_start,
+                           settings, bn_frozen)
+        trained_seconds = time.perf_counter() - session_start
+        save_state(state_path, model, optimizer, iteration, trained_seconds, settings, bn_frozen)
 
-    finished = iteration >= settings.iterations and stop_request.signum is None
+    finished = run_progress() >= 1.0 and stop_request.signum is None
     if finished:
+        final_losses = _mean(recent)
         save_mmdet_checkpoint(to_inference_model(model), out, meta={
             "source": "maskrcnn-demo train (scripts/demo/train.py)",
             "data": str(data_dir),
             "iterations": iteration,
+            "train_seconds": trained_seconds,
             "settings": asdict(settings),
-            "final_losses": _mean(recent),
-            "CLASSES": tuple(name for _, name in COCO_CLASSES),
+            "final_losses": final_losses,
+            "dataset_meta": {"classes": list(class_names)},
         })
+        model_cache.write_record(out, key, iterations=iteration, seconds=trained_seconds,
+                                 final_losses=final_losses)
     return TrainResult(iteration, finished, _mean(recent), time.perf_counter() - started, settings,
                        stop_request.signum)
 
@@ -505,18 +564,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="mmdet checkpoint to write; the training state goes to <stem>.state.pth beside it")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the saved training state; options given here replace the saved ones")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train even when OUT is a cached model of this code, data and settings")
     # Defaults are None so that --resume can tell which options were given.
     options = {
-        "iterations": (int, "optimizer steps"),
+        "iterations": (int, "most optimizer steps"),
+        "minutes": (float, "most wall-clock minutes of training; the run stops and saves then"),
         "batch_size": (int, "crops per step"),
         "crop": (int, "training window side, pixels of the resized (test-scale) image"),
-        "lr": (float, "AdamW peak learning rate"),
+        "lr": (float, "SGD peak learning rate"),
         "warmup": (int, "linear warm-up steps"),
         "seed": (int, "seed of the initial weights and of the crops"),
         "save_every": (int, "write the training state every this many steps"),
         "roi_samples": (int, "RoIs sampled per image for the box and mask losses"),
         "rpn_samples": (int, "anchors sampled per image for the RPN losses"),
-        "freeze_bn_fraction": (float, "fraction of the iterations after which BN statistics are frozen"),
+        "freeze_bn_fraction": (float, "run progress (0..1) at which BN statistics are frozen"),
         "bn_calibration_batches": (int, "batches the frozen BN statistics are measured on"),
         "precision": (str, "fp32 or bf16 (autocast forward pass)"),
     }
@@ -532,12 +594,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        result = train(args.data, args.out, resume=args.resume, overrides=overrides, progress=not args.no_progress)
+        result = train(args.data, args.out, resume=args.resume, retrain=args.retrain, overrides=overrides,
+                       progress=not args.no_progress)
     except TrainError as error:
         parser.error(str(error))
     losses = " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in result.losses.items())
+    if result.cached:
+        print(f"{args.out} is the cached model of this code, data and settings "
+              f"({model_cache.record_path_for(args.out)}); not training (--retrain does)")
+        return 0
     if not result.finished:
-        print(f"stopped at iteration {result.iteration}/{result.settings.iterations} ({losses}); "
+        print(f"stopped at iteration {result.iteration} ({losses}); "
               f"training state in {state_path_for(args.out)}; continue with --resume")
         return 128 + (result.stopped_by or 0)
     print(f"trained {result.iteration} iterations in {result.seconds:.0f}s; last-20 mean losses: {losses}; "

@@ -133,8 +133,29 @@ def test_refuses_non_empty_output_unless_forced(tmp_path: Path) -> None:
     assert json.loads((out_dir / "annotations" / "instances_val.json").read_text())["images"] == []
 
 
+def test_categories_are_the_three_shapes_with_ids_one_to_three(dataset_dir: Path) -> None:
+    assert [(c["id"], c["name"]) for c in coco_categories()] == [(1, "circle"), (2, "square"), (3, "triangle")]
+    train = json.loads((dataset_dir / "annotations" / "instances_train.json").read_text())
+    assert train["info"]["seed"] == SEED
+    assert train["info"]["settings"]["max_objects"] == SETTINGS.max_objects
+    assert {a["category_id"] for a in train["annotations"]} <= {1, 2, 3}
+
+
+def test_default_scenes_are_few_large_objects_that_never_overlap() -> None:
+    defaults = GenerationSettings()
+    counts = []
+    for index in range(6):
+        _, instances = generate_split_image(SEED, "train", index)
+        counts.append(len(instances))
+        for instance in instances:
+            assert instance.polygon is not None  # nothing occluded: every mask is its polygon
+            _, _, width, height = instance.bbox
+            assert defaults.min_size - 2 <= max(width, height) <= defaults.max_size + 1
+    assert all(1 <= count <= defaults.max_objects for count in counts) and sum(counts) > len(counts)
+
+
 def test_generate_image_instances_are_exact_disjoint_and_visible_enough() -> None:
-    settings = GenerationSettings(min_size=100, max_size=300, max_objects=8)
+    settings = GenerationSettings(min_size=100, max_size=300, max_objects=8, min_visible_fraction=0.4)
     polygon_count = occluded_count = 0
     for seed in range(4):
         image, instances = generate_image(np.random.default_rng(seed), 640, 480, settings)
