@@ -1,7 +1,11 @@
-"""Fidelity check: the eager PyTorch model and a compiled engine on the same images.
+"""Fidelity check: the reference model and a compiled engine on the same images.
 
-Both run on identical preprocessed inputs; their detections are compared per image after the
-same host postprocess the service uses:
+The reference is the checkpoint's origin framework (``build_tools.origin``: torchvision's own
+model for torchvision checkpoints, mmdet's where installed, else this project's eager model, the
+report's ``reference`` says which), each running its own preprocessing and postprocessing on the
+decoded image; or, given a bare model (tests, benchmarks of the graph alone), this project's eager
+model on the engine's own prepared inputs. The engine's detections come through the service's host
+code (preprocess, ``infer``, postprocess with the origin's paste rule). They are compared per image:
 
 - ``box_match_rate``: fraction of reference detections whose same-class engine match (greedy by
   score, IoU >= ``match_iou``) has box IoU >= 0.99;
@@ -13,10 +17,11 @@ same host postprocess the service uses:
   reference's own detections taken as ground truth (1.0 = the engine reproduces the reference);
   ``ap_delta_points``: the same as AP points lost against the eager fp32 reference,
   ``{"box": 100 * (1 - box_ap), "mask": 100 * (1 - mask_ap)}``;
-- ``timing``: median seconds per image of eager PyTorch and of the engine on the same prepared
-  inputs (engine: ``infer`` alone, and with the host postprocess), eager PyTorch running with as
-  many torch threads as the engine has (one warm-up batch each when fewer than 3); ``ratio_to_eager`` =
-  engine / eager. The verify set is a few images of varied sizes, so these are indicative;
+- ``timing``: median seconds per image of the reference and of the engine, the reference running
+  with as many torch threads as the engine has (one warm-up batch each when fewer than 3);
+  ``ratio_to_eager`` = engine / eager. Against an origin reference both are whole-image times
+  (decoded image in, pasted masks out: the reference's own call; the engine's preprocess, ``infer``
+  and postprocess); against a bare model both are the graph alone on the same prepared inputs. The verify set is a few images of varied sizes, so these are indicative;
   ``scripts/bench/build.py`` times engines at a fixed input.
 """
 
@@ -39,10 +44,10 @@ from tqdm import tqdm
 from build_tools.coco_eval import evaluate
 from build_tools.images import list_images, read_rgb, sample_photographs
 from build_tools.model import MaskRCNN
+from build_tools.origin import OriginReference, origin_reference
 from build_tools.reference import (
     Infer,
     eager_infer,
-    reference_for_manifest,
     torch_threads,
 )
 from service.backends import Engine, load_engine
@@ -201,6 +206,22 @@ def run_detections(
     return detections, times
 
 
+def run_reference(reference: OriginReference, rgbs: Sequence[np.ndarray], *, warmup: int = 1,
+                  progress=None) -> tuple[list[ImageDetections], dict[str, list[float]]]:
+    """``reference.detect`` on each decoded image, and its per-image seconds (``infer``: the whole
+    call); ``warmup`` untimed runs of the first image come first."""
+    for _ in range(warmup if rgbs else 0):
+        reference.detect(rgbs[0])
+    detections, times = [], []
+    for rgb in rgbs:
+        t0 = time.perf_counter()
+        detections.append(reference.detect(rgb))
+        times.append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+    return detections, {"infer": times}
+
+
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -216,7 +237,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 def verify(
-    model: MaskRCNN,
+    reference: OriginReference | MaskRCNN,
     engine: Engine,
     image_paths: Sequence[str | Path],
     spec: InputSpec,
@@ -228,11 +249,18 @@ def verify(
 ) -> dict:
     """Run reference and engine on ``image_paths``; return the parity report (a JSON-able dict).
 
-    Eager PyTorch runs with ``threads`` torch threads (default: the engine's threads), so the
-    timing compares like with like; ``warmup`` untimed batches precede each side's timed pass
-    (default: one when there are fewer than 3 batches, none otherwise, as the median of 3 or more
-    already discounts a slow first call)."""
-    prepared = [prepare_image(read_rgb(p), spec) for p in image_paths]
+    ``reference``: an origin reference (``build_tools.origin``), run on each decoded image, or a
+    bare model, run on the engine's prepared inputs. It runs with ``threads`` torch threads
+    (default: the engine's threads), so the timing compares like with like; ``warmup`` untimed
+    batches precede each side's timed pass (default: one when there are fewer than 3 batches,
+    none otherwise, as the median of 3 or more already discounts a slow first call)."""
+    rgbs = [read_rgb(p) for p in image_paths]
+    prepare_t: list[float] = []
+    prepared = []
+    for rgb in rgbs:
+        t0 = time.perf_counter()
+        prepared.append(prepare_image(rgb, spec))
+        prepare_t.append(time.perf_counter() - t0)
     batch_size = engine.batch_size or 1
     if warmup is None:
         warmup = 1 if -(-len(prepared) // batch_size) < 3 else 0
@@ -240,11 +268,21 @@ def verify(
     common = {"batch_size": batch_size, "divisor": spec.pad_divisor, "mask_threshold": mask_threshold,
               "paste": engine.manifest.postprocess.paste,
               "warmup": warmup}
-    bar = tqdm(total=2 * len(prepared), desc="verify (eager, engine)", unit="img", disable=not progress)
+    bar = tqdm(total=2 * len(prepared), desc="verify (reference, engine)", unit="img", disable=not progress)
+    whole_image = isinstance(reference, OriginReference)
     with torch_threads(threads):
-        refs, eager_t = run_detections(eager_infer(model), prepared, progress=bar, **common)
+        if whole_image:
+            refs, eager_t = run_reference(reference, rgbs, warmup=warmup, progress=bar)
+        else:
+            refs, eager_t = run_detections(eager_infer(reference), prepared, progress=bar, **common)
     engs, engine_t = run_detections(engine.infer, prepared, progress=bar, **common)
     bar.close()
+    if whole_image:  # the engine's whole-image time: its share of the batch's preprocess added
+        per_batch_prepare = [sum(prepare_t[i:i + batch_size]) / len(prepare_t[i:i + batch_size])
+                             for i in range(0, len(prepare_t), batch_size)]
+        engine_whole = [a + b + c for a, b, c in zip(per_batch_prepare, engine_t["infer"], engine_t["postprocess"])]
+    record = (reference.record() if whole_image else
+              {"name": "maskrcnn-serve", "detail": "this project's eager model on the engine's prepared inputs"})
 
     comparisons = [compare_image(r, e) for r, e in zip(refs, engs)]
     total = sum(c.reference_count for c in comparisons)
@@ -252,9 +290,10 @@ def verify(
     ious = [v for c in comparisons for v in c.mask_ious]
     ap = ap_against_reference(refs, engs)
     eager_s = _median(eager_t["infer"])
-    engine_s = _median(engine_t["infer"])
+    engine_s = _median(engine_whole if whole_image else engine_t["infer"])
     n = max(len(eager_t["infer"]), 1)
     report = {
+        "reference": record,
         "images": [str(Path(p).name) for p in image_paths],
         "reference_detections": total,
         "engine_detections": int(sum(len(e.labels) for e in engs)),
@@ -280,8 +319,10 @@ def verify(
             "batch_size": batch_size,
             "threads": threads,
             "warmup_batches": warmup,
-            "statistic": "median per image over the verify images (few, of varied sizes); eager PyTorch and "
-                         "engine on the same prepared inputs, engine = infer only unless named otherwise",
+            "statistic": ("median per image over the verify images (few, of varied sizes); whole-image times: "
+                          "the reference's own call, the engine's preprocess + infer + postprocess") if whole_image
+                         else ("median per image over the verify images (few, of varied sizes); eager PyTorch and "
+                               "engine on the same prepared inputs, engine = infer only unless named otherwise"),
         },
     }
     return report
@@ -308,8 +349,10 @@ def verify_artifact(
     tolerance: Tolerance | None = None,
     threads: int | None = None,
     progress: bool = True,
+    prefer: str = "origin",
 ) -> ParityReport:
-    """The parity report of the artifact in ``artifact_dir`` against its eager reference.
+    """The parity report of the artifact in ``artifact_dir`` against its origin reference
+    (``build_tools.origin.origin_reference``: the origin framework's own model where it runs).
 
     Args:
         artifact_dir: the artifact folder (its engine is loaded from there).
@@ -319,15 +362,17 @@ def verify_artifact(
         tolerance: pass criteria; None for the precision's (:meth:`Tolerance.for_precision`).
         threads: engine threads (and eager PyTorch's); None for the engine's default.
         progress: show a progress bar.
+        prefer: ``origin`` (the origin framework's model where it runs) or ``maskrcnn-serve``
+            (this project's eager model).
 
     Raises:
         BuildError: the reference cannot be rebuilt (checkpoint changed) or no sample photos.
         FileNotFoundError: ``images`` is not a folder of images.
     """
     paths = list_images(images, count) if images else sample_photographs(count)
-    reference = reference_for_manifest(manifest)
+    reference = origin_reference(manifest.checkpoint, manifest.inference_config, manifest.classes, prefer=prefer)
     engine = load_engine(artifact_dir, threads=threads)
-    report = verify(reference.model, engine, paths, manifest.input.spec,
+    report = verify(reference, engine, paths, manifest.input.spec,
                     mask_threshold=manifest.postprocess.mask_threshold, progress=progress, threads=threads)
     tolerance = tolerance or Tolerance.for_precision(manifest.precision)
     failures = check_tolerance(report, tolerance)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs mmdetection's own Mask R-CNN R50-FPN into .venv as the reference that
-# tests/test_mmdet_reference.py measures our model against (see tests/mmdet_reference.py).
+# tests/build_tools/test_mmdet_reference.py measures our model against (see build_tools/mmdet_reference.py).
 #
 # Full mmcv (compiled ops) does not build for our torch, so: mmdet 3.3.0, mmengine 0.10.7 and
 # mmcv-lite 2.1.0 installed without their declared dependencies (mmengine and mmcv-lite ask for
@@ -24,6 +24,6 @@ echo "[2/3] mmcv-lite 2.1.0, mmengine 0.10.7, mmdet 3.3.0 (--no-deps)"
 "$PY" -m pip install -q --no-deps mmcv-lite==2.1.0 mmengine==0.10.7 mmdet==3.3.0
 
 echo "[3/3] compiling mmcv's CPU nms and roi_align (about a minute of CPU the first time)"
-MAX_JOBS=${MAX_JOBS:-2} nice -n 10 "$PY" tests/mmdet_reference.py build-ops
+MAX_JOBS=${MAX_JOBS:-2} nice -n 10 "$PY" build_tools/mmdet_reference.py build-ops
 
-echo "mmdet reference ready in $((SECONDS - start)) s; run: $PY -m pytest tests/test_mmdet_reference.py"
+echo "mmdet reference ready in $((SECONDS - start)) s; run: $PY -m pytest tests/build_tools/test_mmdet_reference.py"

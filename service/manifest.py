@@ -166,9 +166,20 @@ class ParityTiming(_Section):
     statistic: str
 
 
-class ParityReport(_Section):
-    """The build's verify report: the engine against its eager reference on the same images."""
+class ReferenceRecord(_Section):
+    """Which model judged the engine: ``torchvision`` or ``mmdet`` (the origin framework's own
+    model), or ``maskrcnn-serve`` (this project's eager model; ``detail`` says why)."""
 
+    name: str
+    detail: str = ""
+
+
+class ParityReport(_Section):
+    """The build's verify report: the engine against its reference (the origin framework's model
+    where it runs) on the same images."""
+
+    reference: ReferenceRecord | None = Field(
+        default=None, description="the model that judged the engine (absent in manifests of older builds)")
     images: list[str]
     reference_detections: int
     engine_detections: int

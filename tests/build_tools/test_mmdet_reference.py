@@ -1,7 +1,7 @@
 """Our model against mmdetection's own Mask R-CNN, on the same mmdet checkpoint.
 
 Three members of the family, each once: R50-FPN (mmdet's base config, written out in
-tests/mmdet_reference.py), R101-FPN (mmdet's config file ``mask-rcnn_r101_fpn_1x_coco``) and a
+build_tools/mmdet_reference.py), R101-FPN (mmdet's config file ``mask-rcnn_r101_fpn_1x_coco``) and a
 custom-class ResNeXt-101 32x4d (``mask-rcnn_x101-32x4d_fpn_1x_coco`` with a 3-class head, the names
 in the checkpoint's meta). For each, one random-init mmdet checkpoint (written with our
 ``save_mmdet_checkpoint``, BN statistics perturbed so their mapping matters) is loaded strictly by
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from mmdet_reference import (
+from build_tools.mmdet_reference import (
     MASK_RCNN_R50_FPN,
     MMDetReference,
     ReferenceRun,

@@ -13,9 +13,9 @@ registers them as ``mmcv._ext``; every other mmcv op resolves to a function that
 ``NotImplementedError`` naming the op, so nothing can silently run a stand-in.
 
 ``scripts/setup_mmdet_reference.sh`` installs the packages and runs ``build_ops``;
-``tests/test_mmdet_reference.py`` skips with :func:`unavailable_reason` when either is missing.
+``tests/build_tools/test_mmdet_reference.py`` skips with :func:`unavailable_reason` when either is missing.
 
-Command line: ``python tests/mmdet_reference.py build-ops`` compiles the kernels (idempotent).
+Command line: ``python build_tools/mmdet_reference.py build-ops`` compiles the kernels (idempotent).
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def install_ops() -> None:
         def raise_absent(*args, **kwargs):
             raise NotImplementedError(
                 f"mmcv op {name!r} is not compiled in the mmdet reference build (only "
-                f"{', '.join(COMPILED_OPS)}); see tests/mmdet_reference.py"
+                f"{', '.join(COMPILED_OPS)}); see build_tools/mmdet_reference.py"
             )
 
         return raise_absent
@@ -312,9 +312,10 @@ class MMDetReference:
         self.model.dataset_meta = {"classes": classes or get_classes("coco")}
         self.model.eval()
 
-    def detect(self, image_path: str | Path) -> ReferenceRun:
-        """mmdet's ``inference_detector`` on one image file (its test pipeline and ``test_step``),
-        with the backbone's input and the FPN's output recorded on the way."""
+    def detect(self, image: str | Path | np.ndarray) -> ReferenceRun:
+        """mmdet's ``inference_detector`` on one image (a file, or a uint8 ``[H, W, 3]`` BGR array as
+        mmcv reads files; its test pipeline and ``test_step``), with the backbone's input and the
+        FPN's output recorded on the way."""
         from mmdet.apis import inference_detector
 
         seen = {}
@@ -323,7 +324,7 @@ class MMDetReference:
             self.model.neck.register_forward_hook(lambda _, args, out: seen.update(features=list(out))),
         ]
         try:
-            sample = inference_detector(self.model, str(image_path))
+            sample = inference_detector(self.model, image if isinstance(image, np.ndarray) else str(image))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -373,7 +374,7 @@ class MMDetReference:
 
 def main(argv: list[str]) -> int:
     if argv != ["build-ops"]:
-        print("usage: python tests/mmdet_reference.py build-ops", file=sys.stderr)
+        print("usage: python build_tools/mmdet_reference.py build-ops", file=sys.stderr)
         return 2
     library = build_ops(verbose=False)
     install_ops()
