@@ -195,10 +195,14 @@ def _report_header(manifests: list[Manifest | None]) -> str:
     if not timed:
         return "precision report: not verified (--no-verify), so no AP delta and no timing"
     t = timed[0]
+    reference = next((m.parity.reference for m in manifests if m is not None and m.parity is not None
+                      and m.parity.reference is not None), None)
+    judged = f"{reference.name} ({reference.detail})" if reference is not None else "eager PyTorch"
     return (f"precision report (timing from verify: median s/image over only {t.images} verify image(s), so "
-            f"indicative; engine = infer only, eager PyTorch with {t.threads} threads = engine threads; "
-            f"scripts/bench/build.py times a fixed 800x1333 input)\n"
-            f"  AP delta = AP points lost against eager PyTorch fp32: 100 x (1 - AP) of the engine's detections "
+            f"indicative; {t.statistic}; eager with {t.threads} threads = engine threads; "
+            f"scripts/bench/fidelity.py measures a whole split over HTTP)\n"
+            f"  reference: {judged}\n"
+            f"  AP delta = AP points lost against the reference (fp32): 100 x (1 - AP) of the engine's detections "
             f"scored against the reference's own (not ground truth: every reshuffled low-score detection counts, "
             f"so reduced precisions show tens of points here while their ground-truth AP moves well under 1 "
             f"point on the demo model; scripts/bench/build.py --gt-data measures that)")

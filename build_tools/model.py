@@ -158,7 +158,8 @@ class InferenceConfig:
                 notes=(
                     "The host resizes the normalised image as torchvision does (floored sides, bilinear), with "
                     "OpenCV: within 5e-4 of torch's values (0.03 grey levels).",
-                    "Detections of unused label slots (torchvision's 11 unused COCO category ids) are dropped.",
+                    "Unused label slots (torchvision's 11 unused COCO category ids) compete in NMS and the top 100 as "
+                    "in torchvision; their detections are then dropped (COCO evaluation ignores them).",
                     "Boxes and masks return to the image as torchvision's resize_boxes and paste_masks_in_image "
                     "do (pixels differ only where a value is within float32 rounding of 0.5).",
                 ),
@@ -424,8 +425,11 @@ class DetectionHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.box_min_size = box_min_size
         self.register_buffer("label_to_class", torch.tensor(label_to_class, dtype=torch.int64), persistent=False)
-        valid = [i for i, c in enumerate(label_to_class) if c >= 0]
-        self.register_buffer("scored_labels", torch.tensor(valid, dtype=torch.int64), persistent=False)
+        # Every foreground slot competes, as in the origin: torchvision scores its 11 unused COCO
+        # slots too, so they take places in NMS and the top-k. Such a detection has class -1 and the
+        # host drops it, as COCO evaluation ignores a category it has no annotations of.
+        foreground = list(range(1, len(label_to_class)))
+        self.register_buffer("scored_labels", torch.tensor(foreground, dtype=torch.int64), persistent=False)
 
     def detect(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: Tensor):
         """Per image: (boxes [K,4], scores [K], labels [K] internal, masks [K,28,28] probabilities),

@@ -227,6 +227,19 @@ def origin_reference(
         CheckpointError: the checkpoint cannot be read or does not fit.
     """
     loaded = eager_reference(checkpoint, inference_config, classes, score_threshold=score_threshold)
+    return reference_of_loaded(loaded, checkpoint, classes, prefer=prefer)
+
+
+def reference_of_loaded(
+    loaded: LoadedCheckpoint,
+    checkpoint: CheckpointInfo,
+    classes: Sequence[ClassEntry],
+    *,
+    prefer: Preference = "origin",
+) -> OriginReference:
+    """As :func:`origin_reference`, for a checkpoint already loaded as this project's model
+    (``loaded``; its config decides the origin and the test settings); ``checkpoint`` says where
+    the weights came from (mmdet's own model reads the file again)."""
     config = loaded.model.config
     project = OriginReference("maskrcnn-serve", "", project_detect(loaded.model), loaded)
     if prefer == "maskrcnn-serve":
@@ -239,7 +252,7 @@ def origin_reference(
     from build_tools import mmdet_reference
 
     reason = mmdet_reference.unavailable_reason()
-    if checkpoint.format == "random-init":
+    if checkpoint.format == "random-init" or not checkpoint.source:
         reason = "random weights have no mmdet checkpoint file"
     if reason is None:
         names = [c.name for c in sorted(classes, key=lambda c: c.index)]

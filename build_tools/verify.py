@@ -133,8 +133,15 @@ def compare_image(ref: ImageDetections, eng: ImageDetections, match_iou: float =
         matched_high += iou[r, best] >= 0.99
         score_diffs.append(abs(float(ref.scores[r]) - float(eng.scores[best])))
         if ref.rles is not None and eng.rles is not None:
-            mask_ious.append(float(mask_utils.iou([eng.rles[best]], [ref.rles[r]], [0])[0, 0]))
+            mask_ious.append(_mask_iou(eng.rles[best], ref.rles[r]))
     return ImageComparison(len(ref.labels), int(matched_high), label_agree, score_diffs, mask_ious)
+
+
+def _mask_iou(a: dict, b: dict) -> float:
+    """IoU of two RLE masks; two empty masks are the same mask (1.0, where pycocotools says 0)."""
+    if mask_utils.area(a) == 0 and mask_utils.area(b) == 0:
+        return 1.0
+    return float(mask_utils.iou([a], [b], [0])[0, 0])
 
 
 def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections]) -> dict[str, float]:
@@ -159,11 +166,24 @@ def ap_against_reference(refs: list[ImageDetections], engs: list[ImageDetections
                             "score": float(score), "segmentation": rle})
     if not annotations:
         return {"box_ap": float("nan"), "box_ap50": float("nan"), "mask_ap": float("nan"), "mask_ap50": float("nan")}
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = {"images": images, "annotations": annotations, "categories": [{"id": c} for c in categories]}
-        gt.createIndex()
-    scores = evaluate(gt, results)
+
+    def ground_truth(entries: list[dict]) -> COCO:
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO()
+            gt.dataset = {"images": images, "annotations": entries, "categories": [{"id": c} for c in categories]}
+            gt.createIndex()
+        return gt
+
+    scores = evaluate(ground_truth(annotations), results, iou_types=("bbox",))
+    # Empty masks (degenerate boxes) match no mask, not even another empty one (IoU 0): masks are
+    # scored on the non-empty ones of both sides. An engine that empties a mask the reference has
+    # still loses it.
+    non_empty = [a for a in annotations if a["area"] > 0]
+    if non_empty:
+        filled = [r for r in results if mask_utils.area(r["segmentation"]) > 0]
+        scores |= evaluate(ground_truth(non_empty), filled, iou_types=("segm",))
+    else:
+        scores["segm"] = {"AP": float("nan"), "AP50": float("nan")}
     return {f"{key}_{stat.lower()}": scores[iou_type][stat]
             for iou_type, key in (("bbox", "box"), ("segm", "mask")) for stat in ("AP", "AP50")}
 

@@ -1,6 +1,8 @@
 """ONNX Runtime build: ``fp32`` is the exported graph as is; ``int8`` is static QDQ quantisation of
-the convolutions and fully connected layers (per-channel weights, activations calibrated on real
-images). ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
+the convolutions and fully connected layers where the arithmetic is (``build_tools.precision_scopes``:
+backbone, FPN, RPN head, box and mask heads; per-channel weights, activations calibrated on real
+images), every other node excluded, so predictors' outputs, coordinates, RoIAlign, softmax and NMS
+stay fp32. ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
 only adds casts.
 """
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_tools import precision_scopes
 from service.backends.base import (
     UnsupportedPrecision,
     canonical_precision,
@@ -22,8 +25,8 @@ from service.backends.onnxruntime import NAME, PRECISIONS
 from service.manifest import ShapeProfile
 
 MODEL_FILE = "model.onnx"
-# Quantising the 3x3/1x1 convolutions (backbone, FPN, RPN, mask head) and the two box-head FCs
-# covers almost all of the arithmetic; the NMS/TopK/RoiAlign machinery stays float.
+# Op types QDQ may quantise; of those nodes, only the ones in build_tools.precision_scopes' compute
+# scopes are (the NMS/TopK/RoiAlign machinery has none of these types and stays float anyway).
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -59,6 +62,7 @@ def compile(
         shutil.copyfile(onnx_path, target)
         return target.name, {"graph": "exported ONNX, unchanged"}
     feeds = require_calibration(calibration)
+    import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -66,6 +70,8 @@ def compile(
         quantize_static,
     )
 
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    excluded = precision_scopes.fp32_nodes(n.name for n in graph.node if n.op_type in QUANTIZED_OP_TYPES)
     quantize_static(
         str(onnx_path),
         str(target),
@@ -73,6 +79,7 @@ def compile(
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(QUANTIZED_OP_TYPES),
         per_channel=True,
+        nodes_to_exclude=excluded,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
@@ -83,6 +90,8 @@ def compile(
     return target.name, {
         "graph": "static QDQ int8",
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        **precision_scopes.summary(),
+        "fp32_excluded_nodes": len(excluded),
         "per_channel": True,
         "calibration_method": "MinMax",
         "calibration_images": len(feeds),

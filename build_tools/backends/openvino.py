@@ -1,8 +1,17 @@
 """OpenVINO build (CPU): the exported ONNX converted to an IR.
 
-``fp32``: converted as is. ``bf16``: the same fp32 IR, run with OpenVINO's
-``INFERENCE_PRECISION_HINT`` bf16 (CPUs with AVX512_BF16 or AMX; refused elsewhere). ``int8``: NNCF
-post-training quantisation calibrated on real images, saved as an int8 IR.
+``fp32``: converted as is. ``bf16``: the fp32 IR run with OpenVINO's ``INFERENCE_PRECISION_HINT``
+bf16 (CPUs with AVX512_BF16 or AMX; refused elsewhere), with fp32 kept where coordinates are
+computed: the CPU plugin runs every convolution and fully connected layer at the hint's precision
+and, without help, also the nodes between them, which put RoIAlign, its RoI coordinates and the
+RoI level mapping in bf16 (measured on the runtime model). The plugin keeps in fp32 every node on
+a path from a model output back to the nearest convolution or FC (the graph's tail), so the build
+appends one-element outputs (``precision_anchor_<i>``: the first value of each RoIAlign's result,
+read by nobody) that make RoIAlign and its coordinate chain part of that tail. Per-node
+``disable_fp16_compression`` marks set from Python are not honoured by this plugin (measured: the
+same nodes stay bf16). ``int8``: NNCF post-training quantisation calibrated on real images of the
+layers in ``build_tools.precision_scopes``' compute scopes only (every other node in NNCF's ignored
+scope), per-channel symmetric weights, run at fp32 inference precision elsewhere.
 """
 
 from __future__ import annotations
@@ -12,12 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
+from build_tools import precision_scopes
 from service.backends.base import (
     UnsupportedPrecision,
     check_precision,
     require_calibration,
 )
-from service.backends.openvino import NAME, PRECISIONS, cpu_capabilities
+from service.backends.openvino import (
+    NAME,
+    PRECISION_ANCHOR_PREFIX,
+    PRECISIONS,
+    cpu_capabilities,
+)
 from service.manifest import ShapeProfile
 
 MODEL_FILE = "model.xml"
@@ -48,6 +63,7 @@ def compile(
     if feeds is not None:
         import nncf
 
+        ignored = precision_scopes.fp32_nodes(op.get_friendly_name() for op in model.get_ordered_ops())
         model = nncf.quantize(
             model,
             nncf.Dataset(feeds),
@@ -55,9 +71,30 @@ def compile(
             # symmetric weights, asymmetric activations: the activations after ReLU-free adds
             # (FPN sums) are not centred on zero
             preset=nncf.QuantizationPreset.MIXED,
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         )
-        facts.update({"graph": "NNCF post-training int8", "calibration_images": len(feeds), "nncf": nncf.__version__})
+        facts.update({"graph": "NNCF post-training int8", "calibration_images": len(feeds), "nncf": nncf.__version__,
+                      **precision_scopes.summary(), "fp32_ignored_nodes": len(ignored)})
     else:
         facts["graph"] = "exported ONNX converted to IR, fp32 weights"
+    if precision == "bf16":
+        facts["precision_anchors"] = add_precision_anchors(model)
     ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)
     return MODEL_FILE, facts
+
+
+def add_precision_anchors(model) -> int:
+    """Append to ``model`` one output per RoIAlign: a one-element slice of its result, named
+    ``precision_anchor_<i>``. The CPU plugin keeps the graph's tail (output back to the nearest
+    convolution or FC) at fp32 whatever the inference precision, so RoIAlign and the RoI
+    coordinates it samples at stay fp32 under a bf16 hint. Returns the number added."""
+    from openvino import opset13 as ops
+
+    anchors = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "ROIAlign":
+            first = ops.slice(op.output(0), np.zeros(4, np.int64), np.ones(4, np.int64), np.ones(4, np.int64))
+            first.output(0).get_tensor().set_names({f"{PRECISION_ANCHOR_PREFIX}{len(anchors)}"})
+            anchors.append(ops.result(first))
+    model.add_results(anchors)
+    return len(anchors)

@@ -1,6 +1,8 @@
 """Engine speed (and optionally AP) against eager PyTorch, measured in one run on the same image.
 
-Rows: eager PyTorch (this project's model, the engines' own reference), torchvision's stock ONNX
+Rows: eager PyTorch (the checkpoint's origin reference, ``build_tools.origin``: mmdet's own model
+where installed, torchvision's for torchvision checkpoints, else this project's eager model; its
+whole call, decoded image in and pasted masks out), torchvision's stock ONNX
 export run by ONNX Runtime (full-image masks pasted inside the graph), each given engine artifact,
 and, with ``--export DIR``, one engine per backend and precision compiled from that export folder
 (``maskrcnn-build export``) into a cache (``--artifacts``; reused when present). Every row includes
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --engine ARTIFACT (repeatable) and/or --export DIR")
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
+    from dataclasses import asdict
+
     import cv2
     import torch
 
@@ -150,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     from build_tools.coco_eval import load_coco
     from build_tools.export import read_export_info
     from build_tools.images import list_images, read_rgb
-    from build_tools.reference import (
-        eager_infer,
-        reference_for_export,
-        reference_for_manifest,
-    )
+    from build_tools.origin import origin_reference
+    from build_tools.reference import reference_for_export, reference_for_manifest
     from build_tools.verify import ap_against_reference, ap_delta_points, run_detections
     from scripts.demo.eval import split_paths
     from scripts.tools.photos import sample_photo
@@ -180,13 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         info = read_export_info(args.export)
         ref_checkpoint, loaded, classes = info.checkpoint, reference_for_export(info), info.classes
+        record = asdict(info.inference_config)
         # a fixed-batch graph is fed its whole (padded) batch per request; a mutable one, one image
         batch = 1 if info.shape_mutable else info.batch_size
     else:
         first = Manifest.load(args.engine[0])
         ref_checkpoint, loaded, classes = first.checkpoint, reference_for_manifest(first), first.classes
+        record = first.inference_config
         batch = first.batch_size or 1
     reference = loaded.model
+    origin = origin_reference(ref_checkpoint, record, classes)
+    _progress(f"reference: {origin.name} ({origin.detail})")
     category_ids = [c.id for c in sorted(classes, key=lambda c: c.index)]
     config = reference.config
     spec = config.input_spec()
@@ -229,20 +234,19 @@ def main(argv: list[str] | None = None) -> int:
     ap_prepared, refs = None, None
     if args.ap_images:
         ap_paths = list_images(args.ap_images, args.ap_count)
-        _progress(f"AP reference: eager PyTorch on {len(ap_paths)} image(s) from {args.ap_images} ...")
+        _progress(f"AP reference: {origin.name} on {len(ap_paths)} image(s) from {args.ap_images} ...")
         ap_prepared = [prepare_image(read_rgb(path), spec) for path in ap_paths]
-        refs, _ = run_detections(eager_infer(reference), ap_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                 mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
+        refs = [origin.detect(read_rgb(path)) for path in ap_paths]
 
     gt_prepared, gt_ids, gt_eager = None, None, None
     if args.gt_data:
         ann, gt_dir = split_paths(args.gt_data, args.gt_split)
         coco = load_coco(ann)
         gt_ids = sorted(coco.getImgIds())[: args.gt_limit] if args.gt_limit else sorted(coco.getImgIds())
-        _progress(f"ground truth: eager PyTorch on {len(gt_ids)} image(s) of {ann} ...")
-        gt_prepared = [prepare_image(read_rgb(gt_dir / coco.imgs[i]["file_name"]), spec) for i in gt_ids]
-        dets, _ = run_detections(eager_infer(reference), gt_prepared, batch_size=batch, divisor=spec.pad_divisor,
-                                 mask_threshold=mask_threshold, paste=config.paste_rule, warmup=0)
+        _progress(f"ground truth: {origin.name} on {len(gt_ids)} image(s) of {ann} ...")
+        gt_rgbs = [read_rgb(gt_dir / coco.imgs[i]["file_name"]) for i in gt_ids]
+        gt_prepared = [prepare_image(image, spec) for image in gt_rgbs]
+        dets = [origin.detect(image) for image in gt_rgbs]
         gt_eager = _gt_scores(dets, gt_ids, coco, category_ids)
 
     rows: list[dict] = []
@@ -262,9 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             _progress(f"[{step}/{total}] {row['engine']}: skipped ({row.get('skipped')})")
         rows.append(row)
 
-    _progress(f"[{step + 1}/{total}] eager PyTorch: timing ...")
-    eager_totals, eager_infers = time_requests(eager_infer(reference), batch)
-    add({"engine": "eager PyTorch (reference)", "kind": "eager", "backend": "pytorch", "precision": "fp32",
+    _progress(f"[{step + 1}/{total}] eager PyTorch ({origin.name}): timing ...")
+    eager_totals = time_calls({"eager": lambda: origin.detect(rgb)}, args.iterations, args.warmup)["eager"]
+    eager_infers = eager_totals  # the reference's whole call is its inference
+    add({"engine": f"eager PyTorch ({origin.name}, reference)", "reference": origin.record(), "kind": "eager", "backend": "pytorch", "precision": "fp32",
          "artifact": None, "box_ap_delta_points": 0.0 if refs else None,
          "mask_ap_delta_points": 0.0 if refs else None,
          **({"gt_box_ap": gt_eager["box"], "gt_mask_ap": gt_eager["mask"], "gt_box_ap_delta_points": 0.0,

@@ -1,6 +1,6 @@
 """Benchmark the KServe v2 route against /predict on the same engine: latency, as a ratio.
 
-One ``maskrcnn-serve`` (``scripts.bench.service.running_service``) on loopback; one client sends
+One ``maskrcnn-serve`` (``scripts.tools.service_process.running_service``) on loopback; one client sends
 the same JPEG again and again, one request at a time, taking turns call by call
 (``scripts.tools.timing.time_calls``, alternating who goes first) between:
 
@@ -27,8 +27,8 @@ import httpx
 import numpy as np
 import tritonclient.http as triton
 
-from scripts.bench.service import running_service
 from scripts.tools.photos import synthetic_photo
+from scripts.tools.service_process import running_service
 from scripts.tools.timing import latency_summary, time_calls
 from service.settings import Settings
 

@@ -22,21 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import socket
-import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from scripts.tools.photos import synthetic_photo
+from scripts.tools.service_process import running_service
 from scripts.tools.timing import time_calls
-from scripts.tools.wait_ready import wait_ready
 from service.backends import Engine, load_engine
 from service.decode import decode_image
 from service.preprocess import pad_batch, prepare_image
@@ -75,29 +70,6 @@ class EngineLoop:
                 engine.infer(self.batch, self.sizes)
 
         list(self.pool.map(loop, self.engines))
-
-
-@contextmanager
-def running_service(engine_dir: Path, settings: Settings, concurrency: int) -> Iterator[str]:
-    """``maskrcnn-serve`` on a free loopback port, ready; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [
-        str(Path(sys.executable).with_name("maskrcnn-serve")), "--engine", str(engine_dir), "--port", str(port),
-        "--workers", str(settings.workers), "--threads", str(settings.threads_per_session),
-        "--max-batch-size", str(settings.max_batch_size), "--max-wait-ms", str(settings.max_wait_ms),
-        "--max-queue-depth", str(max(settings.max_queue_depth, concurrency)), "--request-timeout-ms", "600000",
-        "--log-level", "warning",
-    ]
-    server = subprocess.Popen(command)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, alive=lambda: server.poll() is None, timeout_s=300, interval_s=0.2)
-        yield base
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
 
 
 class ServiceLoad:

@@ -1,10 +1,9 @@
 """`maskrcnn-demo eval`: COCO AP of a checkpoint on a COCO-layout split, the way the service sees it.
 
-The checkpoint is loaded through ``build_tools.checkpoint.load_checkpoint`` (eager PyTorch with the
-test settings of its origin) and every image goes through the service's own host code
-(``scripts.tools.eager``: preprocess and pad before the model; boxes to original pixels, masks
-pasted and encoded as COCO RLE after it), with the thresholds a manifest built from the same
-checkpoint would carry. The detections are written as a COCO results file by
+The checkpoint runs in its origin framework where it can (``build_tools.origin``: mmdet's own
+model for mmdet checkpoints where mmdet is installed, torchvision's for torchvision ones), else as
+this project's eager model inside the service's host code (``scripts.tools.eager``), with the
+thresholds a manifest built from the same checkpoint would carry. The detections are written as a COCO results file by
 :func:`write_reference_results`: these are the reference results that engine evaluations are
 compared with. Scores come from ``build_tools.coco_eval``, as ``maskrcnn-eval``'s do.
 """
@@ -49,14 +48,19 @@ def write_reference_results(
     out_json: str | Path,
     limit: int | None = None,
     progress: bool = True,
+    prefer: str = "origin",
 ) -> list[int]:
-    """Run the checkpoint's model on the images of ``split`` (the first ``limit`` by image id, or all) through the
-    service's host preprocessing and postprocessing; write a COCO results JSON
+    """Run the checkpoint's reference model (``prefer``: its origin framework's own where it runs, or
+    ``maskrcnn-serve``, this project's eager model in the service's host code) on the images of
+    ``split`` (the first ``limit`` by image id, or all); write a COCO results JSON
     (``scripts.tools.eager.write_eager_results``). Returns the evaluated image ids."""
     annotation_file, image_dir = split_paths(data_dir, split)
     coco = load_coco(annotation_file)
     image_ids = sorted(coco.getImgIds())[:limit] if limit else sorted(coco.getImgIds())
-    write_eager_results(EagerModel.of_checkpoint(loaded), coco, image_dir, image_ids, Path(out_json), progress=progress)
+    eager = EagerModel.of_checkpoint(loaded, prefer=prefer)
+    if progress:
+        print(f"reference: {eager.reference.name} ({eager.reference.detail})")
+    write_eager_results(eager, coco, image_dir, image_ids, Path(out_json), progress=progress)
     return image_ids
 
 
@@ -75,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="results JSON to write (default <checkpoint stem>.<split>_results.json beside it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy machine)")
+    parser.add_argument("--reference", choices=("origin", "maskrcnn-serve"), default="origin",
+                        help="the origin framework's own model where it runs (default: mmdet's for mmdet "
+                        "checkpoints when installed, torchvision's for torchvision ones), or this project's")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -85,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_checkpoint(checkpoint)
         image_ids = write_reference_results(loaded, args.data, args.split, results, args.limit,
-                                            progress=not args.no_progress)
+                                            progress=not args.no_progress, prefer=args.reference)
     except (CheckpointError, EvalError) as error:
         parser.error(str(error))
     seconds = time.perf_counter() - started

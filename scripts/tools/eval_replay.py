@@ -298,9 +298,10 @@ async def replay_dataset(
 
 
 def eager_replay(source: str, dataset: Dataset, out: Path, *, score_threshold: float | None,
-                 threads: int | None, progress: bool) -> float:
-    """Run the eager model of ``source`` over the dataset's images; write the results JSON. Returns
-    seconds taken (the model's loading not counted).
+                 threads: int | None, progress: bool, prefer: str = "origin") -> tuple[float, dict[str, str]]:
+    """Run the eager reference of ``source`` (``prefer``: the origin framework's own model where it
+    runs, or ``maskrcnn-serve``) over the dataset's images; write the results JSON. Returns seconds
+    taken (the model's loading not counted) and which reference ran (``name``, ``detail``).
 
     Raises:
         EagerReferenceError: the model cannot be loaded.
@@ -309,10 +310,11 @@ def eager_replay(source: str, dataset: Dataset, out: Path, *, score_threshold: f
 
     if threads is not None:
         torch.set_num_threads(threads)
-    eager = eager_model(source, score_threshold)
+    eager = eager_model(source, score_threshold, prefer)
+    print(f"eager reference: {eager.reference.name} ({eager.reference.detail})")
     started = time.perf_counter()
     write_eager_results(eager, dataset.coco, dataset.images, dataset.image_ids, out, progress=progress)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, eager.reference.record()
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -359,7 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--url", action="append", help="service base URL, e.g. http://127.0.0.1:8000; repeat to "
                         "spread the load round-robin")
     source.add_argument("--eager", metavar="SOURCE", help="run eager PyTorch instead: a checkpoint (file or published "
-                        "name) or an engine artifact folder (the model it was built from)")
+                        "name) or an engine artifact folder (the model it was built from), in its origin "
+                        "framework (torchvision's own model; mmdet's where installed) unless --eager-reference says")
+    parser.add_argument("--eager-reference", choices=("origin", "maskrcnn-serve"), default="origin",
+                        help="--eager runs the origin framework's own model where it can (default), or this "
+                        "project's eager model in the service's host code")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images by image id")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight, over all URLs (default 4)")
     parser.add_argument("--score-threshold", type=float, default=None,
@@ -388,8 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         reference = read_results(args.reference_results) if args.reference_results else None
         if args.eager:
             latencies: list[float] = []
-            wall_s = eager_replay(args.eager, dataset, args.out, score_threshold=args.score_threshold,
-                                  threads=args.threads, progress=not args.no_progress)
+            wall_s, eager_reference = eager_replay(args.eager, dataset, args.out, score_threshold=args.score_threshold,
+                                                   threads=args.threads, progress=not args.no_progress,
+                                                   prefer=args.eager_reference)
             results, sent = read_results(args.out), len(dataset.image_ids)
         else:
             urls = [u.rstrip("/").removesuffix("/predict") for u in args.url]
@@ -401,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = [entry for image_id in dataset.image_ids for entry in finished[image_id].results]
             latencies = [finished[i].latency_s for i in dataset.image_ids if finished[i].latency_s is not None]
             wall_s, sent = outcome.wall_s, outcome.sent
+            eager_reference = None
             write_json_atomically(args.out, results)
     except (EvalError, EagerReferenceError) as error:
         parser.error(str(error))
@@ -409,7 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores = evaluate(dataset.coco, results, dataset.image_ids, verbose=True)
     report: dict[str, Any] = {"images": len(dataset.image_ids), "detections": len(results), "results": str(args.out),
                               **scores, "latency_ms": latency_summary(latencies),
-                              "throughput_ips": sent / wall_s if sent and wall_s > 0 else None, "reference": None}
+                              "throughput_ips": sent / wall_s if sent and wall_s > 0 else None, "reference": None,
+                              "eager_reference": eager_reference}
     if latencies:
         ms = report["latency_ms"]
         print(f"latency per image (ms, {len(latencies)} requests): p50 {ms['p50']:.1f}  p90 {ms['p90']:.1f}  "

@@ -23,6 +23,10 @@ PRECISIONS = ("fp32", "bf16", "int8")
 DEFAULT_PERFORMANCE_HINT = "LATENCY"
 
 
+# Names of the extra outputs a bf16 build adds (build_tools/backends/openvino.py).
+PRECISION_ANCHOR_PREFIX = "precision_anchor_"
+
+
 def available() -> tuple[bool, str]:
     try:
         import openvino  # noqa: F401
@@ -60,15 +64,20 @@ class OpenVinoEngine(EngineBase):
             config["NUM_STREAMS"] = streams
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
-        if len(self.compiled.outputs) != len(OUTPUT_NAMES):
-            raise BackendUnavailable(f"{model_path} has {len(self.compiled.outputs)} outputs, expected {len(OUTPUT_NAMES)}")
+        # The graph's outputs come first; a bf16 build appends one-element precision anchors
+        # (``PRECISION_ANCHOR_PREFIX``) that keep RoIAlign and its coordinates in fp32, read by nobody.
+        self.outputs = list(self.compiled.outputs[:len(OUTPUT_NAMES)])
+        extra = [port.get_any_name() for port in self.compiled.outputs[len(OUTPUT_NAMES):]]
+        if len(self.outputs) != len(OUTPUT_NAMES) or not all(n.startswith(PRECISION_ANCHOR_PREFIX) for n in extra):
+            raise BackendUnavailable(f"{model_path} has outputs {[p.get_any_name() for p in self.compiled.outputs]}, "
+                                     f"expected {len(OUTPUT_NAMES)} ({', '.join(OUTPUT_NAMES)}) and precision anchors")
         self.request = self.compiled.create_infer_request()
 
     def _run(self, feed: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
         # outputs keep the graph's order (the ONNX names do not always survive conversion); copies,
         # as the request reuses its output memory on the next call
         results = self.request.infer(feed)
-        return [np.array(results[port]) for port in self.compiled.outputs]
+        return [np.array(results[port]) for port in self.outputs]
 
 
 def load(artifact_dir: Path, manifest: Manifest, threads: int | None = None,

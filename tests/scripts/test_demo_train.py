@@ -23,6 +23,7 @@ from scripts.demo.data import GenerationSettings, coco_categories, write_dataset
 from scripts.demo.eval import write_reference_results
 from scripts.demo.train import (
     LOSS_NAMES,
+    BatchRenorm2d,
     StopRequest,
     TrainingCrops,
     TrainSettings,
@@ -226,3 +227,39 @@ def test_cache_key_changes_with_the_code_the_data_and_the_settings(dataset: Path
     keys.add(model_cache.cache_key(other_data, settings, tmp_path))
     keys.add(model_cache.cache_key(annotations, {**settings, "lr": 0.01}, tmp_path))
     assert len(keys) == len(model_cache.CODE_FILES) + 3
+
+
+def _renorm(seed: int = 0) -> BatchRenorm2d:
+    torch.manual_seed(seed)
+    norm = BatchRenorm2d(8, eps=1e-5, momentum=0.1)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    return norm
+
+
+def test_batch_renormalisation_trains_the_function_eval_mode_computes():
+    x = (torch.randn(2, 8, 5, 5) * 1.3 + 0.4).requires_grad_()
+    weights = torch.arange(x.numel(), dtype=torch.float32).reshape(x.shape)
+    norm = _renorm()
+    expected = norm.eval()(x)
+    (eval_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+    before = norm.running_mean.clone()
+    norm.train()
+    norm.r_max, norm.d_max = 1e6, 1e6  # unclipped corrections
+    y = norm(x)
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(norm.running_mean, before)  # the running statistics still learn
+    # the gradient sees the batch's statistics (eval mode's is the plain per-channel scale)
+    (grad,) = torch.autograd.grad((y * weights).sum(), x)
+    assert not torch.allclose(grad, eval_grad)
+
+
+def test_batch_renormalisation_with_no_room_is_batch_norm():
+    x = torch.randn(2, 8, 5, 5) * 2 - 1
+    norm = _renorm().train()
+    norm.r_max, norm.d_max = 1.0, 0.0
+    plain = torch.nn.functional.batch_norm(x, None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+    torch.testing.assert_close(norm(x), plain, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,95 @@
+"""Reduced precision goes where the arithmetic is, and coordinates stay fp32 (build_tools/precision_scopes.py).
+
+Checked on real builds of the random-init export, by what each runtime reports it runs: ONNX
+Runtime int8 (which nodes read DequantizeLinear weights), OpenVINO int8 (which layers NNCF put
+FakeQuantize in front of) and OpenVINO bf16 (the CPU plugin's runtime precision of each node).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from build_tools.pipeline import compile_step
+from build_tools.precision_scopes import reduced_precision_allowed
+from service.backends import load_engine
+from service.preprocess import pad_batch, prepare_image
+from build_tools.images import read_rgb
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_scopes_split_compute_from_numbers_read_as_numbers():
+    allowed = ["/backbone/body/layer1/layer1.0/conv1/Conv", "/backbone/fpn/layer_blocks.0/Conv", "/head/conv/conv.0/Conv",
+               "/box_head/fc6/Gemm", "/mask_head/mask_head.0/mask_head.0.0/Conv", "/mask_predictor/conv5_mask/ConvTranspose"]
+    kept = ["/head/cls_logits/Conv", "/head/bbox_pred_3/Conv", "/box_predictor/cls_score/Gemm",
+            "/box_predictor/bbox_pred/Gemm", "/mask_predictor/mask_fcn_logits/Conv", "/RoiAlign", "/Softmax",
+            "/NonMaxSuppression", "/anchor_generator/Mul", "/Div_15"]
+    assert all(reduced_precision_allowed(n) for n in allowed)
+    assert not any(reduced_precision_allowed(n) for n in kept)
+
+
+def _calibration(tmp_path: Path, photos: Path) -> Path:
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    for name in ("coffee.png", "chelsea.png"):
+        (folder / name).write_bytes((photos / name).read_bytes())
+    return folder
+
+
+def test_onnxruntime_int8_quantizes_compute_layers_only(export_dir, photos, tmp_path):
+    manifest = compile_step(export_dir, tmp_path / "ort-int8", precision="int8", calib_images=_calibration(tmp_path, photos),
+                            run_verify=False, progress=False)
+    graph = onnx.load(str(tmp_path / "ort-int8" / manifest.model_file)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    quantized, float_layers = set(), set()
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            weight = producer.get(node.input[1])
+            (quantized if weight is not None and weight.op_type == "DequantizeLinear" else float_layers).add(node.name)
+    assert quantized and all(reduced_precision_allowed(n) for n in quantized)
+    assert {n for n in float_layers if not reduced_precision_allowed(n)} == float_layers
+    assert any(n.startswith("/box_predictor/") for n in float_layers) and any(n.startswith("/head/cls_logits") for n in float_layers)
+    assert sum(n.startswith("/backbone/") for n in quantized) > 50
+    facts = manifest.tools.backend
+    assert facts["fp32_excluded_nodes"] == len(float_layers) and facts["reduced_precision_scopes"]
+
+
+def test_openvino_int8_puts_fake_quantize_before_compute_layers_only(export_dir, photos, tmp_path):
+    import openvino as ov
+
+    manifest = compile_step(export_dir, tmp_path / "ov-int8", backend="openvino", precision="int8",
+                            calib_images=_calibration(tmp_path, photos), run_verify=False, progress=False)
+    model = ov.Core().read_model(str(tmp_path / "ov-int8" / manifest.model_file))
+    fed_by_fq = {consumer.get_node().get_friendly_name()
+                 for op in model.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+                 for consumer in op.output(0).get_target_inputs()}
+    layers = {n for n in fed_by_fq if "Convolution" in n or "Conv" in n or "Gemm" in n or "MatMul" in n}
+    assert layers and all(reduced_precision_allowed(n) for n in layers), sorted(layers)[:5]
+    assert not any(n.startswith(("/box_predictor/", "/head/cls_logits", "/head/bbox_pred")) for n in fed_by_fq)
+
+
+def test_openvino_bf16_runs_roialign_and_its_coordinates_in_fp32(export_dir, photos, tmp_path):
+    manifest = compile_step(export_dir, tmp_path / "ov-bf16", backend="openvino", precision="bf16",
+                            run_verify=False, progress=False)
+    assert manifest.tools.backend["precision_anchors"] == 8  # 4 levels x (box RoIs, mask RoIs)
+    engine = load_engine(tmp_path / "ov-bf16")
+    precision = {}
+    for op in engine.compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        precision[op.get_friendly_name()] = (info["layerType"].astype(str), info["runtimePrecision"].astype(str))
+    roi_align = [p for t, p in precision.values() if t == "ROIAlign"]
+    assert roi_align and set(roi_align) == {"f32"}
+    assert {p for t, p in precision.values() if t == "Softmax"} == {"f32"}
+    assert {p for t, p in precision.values() if t == "NonMaxSuppression"} == {"f32"}
+    convolutions = [p for n, (t, p) in precision.items() if t == "Convolution" and n.startswith("/backbone/")]
+    assert convolutions and set(convolutions) == {"bf16"}
+
+    spec = manifest.input.spec
+    images, sizes = pad_batch([prepare_image(read_rgb(photos / "coffee.png"), spec)], spec.pad_divisor)
+    out = engine.infer(images, sizes)
+    assert set(out) == {"dets", "labels", "masks"} and out["dets"].shape[-1] == 5
+    assert np.isfinite(out["dets"]).all()
