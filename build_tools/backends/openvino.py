@@ -47,9 +47,13 @@ def compile(
     calibration: Iterable[dict[str, np.ndarray]] | None = None,
     *,
     shape_profile: ShapeProfile | None = None,
+    roi_align_precision: str = "fp32",
 ) -> tuple[str, dict]:
     """``model.xml`` (+ ``model.bin``) in ``out_dir``. ``shape_profile`` is not needed: the IR keeps
-    the graph's dynamic axes."""
+    the graph's dynamic axes. ``roi_align_precision`` (bf16 builds): ``fp32`` adds the precision
+    anchors, ``bf16`` leaves RoIAlign and its coordinates to the plugin (faster, less exact)."""
+    if roi_align_precision not in ("fp32", "bf16"):
+        raise ValueError(f"roi_align_precision must be fp32 or bf16, got {roi_align_precision!r}")
     precision = check_precision(NAME, PRECISIONS, precision)
     feeds = require_calibration(calibration) if precision == "int8" else None
     import openvino as ov
@@ -78,7 +82,8 @@ def compile(
     else:
         facts["graph"] = "exported ONNX converted to IR, fp32 weights"
     if precision == "bf16":
-        facts["precision_anchors"] = add_precision_anchors(model)
+        facts["roi_align_precision"] = roi_align_precision
+        facts["precision_anchors"] = add_precision_anchors(model) if roi_align_precision == "fp32" else 0
     ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)
     return MODEL_FILE, facts
 

@@ -321,10 +321,14 @@ def _linear_ramp(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Background: float32 RGB `[height, width, 3]` in 0..255, one colour fading by at most 40
-    levels per channel towards a second one along a random direction."""
-    base = _random_colour(rng)
-    shift = rng.uniform(-40.0, 40.0, size=3).astype(np.float32)
+    """Background: float32 RGB `[height, width, 3]` in 0..255, a grey of level 96..160 tinted by at
+    most 12 levels per channel, fading by at most 24 levels per channel along a random direction.
+
+    Every image's background is of one colour family on purpose: the service normalises with fixed
+    statistics (frozen BN), and a network trained from scratch on backgrounds of any colour learned
+    only while batch statistics removed each image's colour (docs in scripts/demo/train.py)."""
+    base = rng.uniform(96.0, 160.0) + rng.uniform(-12.0, 12.0, size=3).astype(np.float32)
+    shift = rng.uniform(-24.0, 24.0, size=3).astype(np.float32)
     return np.clip(base + shift * _linear_ramp(rng, height, width)[:, :, None], 0.0, 255.0)
 
 
