@@ -2,9 +2,9 @@
 
 The reference is the checkpoint's origin framework (``build_tools.origin``: torchvision's own
 model for torchvision checkpoints, mmdet's where installed, else this project's eager model, the
-report's ``reference`` says which), each running its own preprocessing and postprocessing on the
-decoded image; or, given a bare model (tests, benchmarks of the graph alone), this project's eager
-model on the engine's own prepared inputs. The engine's detections come through the service's host
+report's ``reference`` says which), torchvision's and mmdet's running their own preprocessing and
+postprocessing on the decoded image; this project's eager model (that reference, or a bare model
+given by tests) runs on the engine's own prepared inputs. The engine's detections come through the service's host
 code (preprocess, ``infer``, postprocess with the origin's paste rule). They are compared per image:
 
 - ``box_match_rate``: fraction of reference detections whose same-class engine match (greedy by
@@ -21,7 +21,8 @@ code (preprocess, ``infer``, postprocess with the origin's paste rule). They are
   with as many torch threads as the engine has (one warm-up batch each when fewer than 3);
   ``ratio_to_eager`` = engine / eager. Against an origin reference both are whole-image times
   (decoded image in, pasted masks out: the reference's own call; the engine's preprocess, ``infer``
-  and postprocess); against a bare model both are the graph alone on the same prepared inputs. The verify set is a few images of varied sizes, so these are indicative;
+  and postprocess, also in ``engine_with_postprocess``); against this project's model both are the
+  graph alone on the same prepared inputs. The verify set is a few images of varied sizes, so these are indicative;
   ``scripts/bench/build.py`` times engines at a fixed input.
 """
 
@@ -289,6 +290,10 @@ def verify(
               "paste": engine.manifest.postprocess.paste,
               "warmup": warmup}
     bar = tqdm(total=2 * len(prepared), desc="verify (reference, engine)", unit="img", disable=not progress)
+    record = {"name": "maskrcnn-serve", "detail": "this project's eager model on the engine's prepared inputs"}
+    if isinstance(reference, OriginReference) and not reference.is_origin:
+        # this project's own eager model: run on the engine's prepared inputs, graph against graph
+        record, reference = reference.record(), reference.loaded.model
     whole_image = isinstance(reference, OriginReference)
     with torch_threads(threads):
         if whole_image:
@@ -301,8 +306,7 @@ def verify(
         per_batch_prepare = [sum(prepare_t[i:i + batch_size]) / len(prepare_t[i:i + batch_size])
                              for i in range(0, len(prepare_t), batch_size)]
         engine_whole = [a + b + c for a, b, c in zip(per_batch_prepare, engine_t["infer"], engine_t["postprocess"])]
-    record = (reference.record() if whole_image else
-              {"name": "maskrcnn-serve", "detail": "this project's eager model on the engine's prepared inputs"})
+        record = reference.record()
 
     comparisons = [compare_image(r, e) for r, e in zip(refs, engs)]
     total = sum(c.reference_count for c in comparisons)
@@ -332,7 +336,7 @@ def verify(
             "eager_s_per_image": eager_s,
             "engine_s_per_image": engine_s,
             "engine_postprocess_s_per_image": _median(engine_t["postprocess"]),
-            "engine_with_postprocess_s_per_image": _median(
+            "engine_with_postprocess_s_per_image": _median(engine_whole) if whole_image else _median(
                 [a + b for a, b in zip(engine_t["infer"], engine_t["postprocess"])]),
             "ratio_to_eager": engine_s / eager_s if eager_s > 0 else float("nan"),
             "images": len(prepared),

@@ -112,7 +112,8 @@ def test_training_reduces_the_loss_of_a_fixed_batch(dataset: Path, straight_run:
     assert state["bn_frozen"]  # TINY freezes the BN statistics at 60% of the run
     set_training_mode(trained, bn_frozen=True)
     before, after = loss_of(initial), loss_of(trained)
-    assert after < 0.8 * before, (before, after)  # 0.77 here after 6 SGD steps
+    print(f"loss of the fixed batch: {before:.3f} before, {after:.3f} after")
+    assert after < 0.8 * before, (before, after)
 
 
 def test_checkpoint_is_mmdet_with_class_names_and_computes_what_the_trained_model_does(straight_run: Path):
