@@ -156,7 +156,8 @@ def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
     options: dict[str, dict] = {}
     if args.tensorrt_timing_cache:
         options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
-    options["openvino"] = {"roi_align_precision": args.openvino_bf16_roi_align}
+    if args.openvino_bf16_roi_align != "fp32":
+        options["openvino"] = {"roi_align_precision": args.openvino_bf16_roi_align}
     return options
 
 

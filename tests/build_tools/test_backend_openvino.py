@@ -55,3 +55,12 @@ def test_service_settings_reach_the_compiled_model(openvino_fp32):
     assert str(tuned.compiled.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
     assert int(tuned.compiled.get_property("NUM_STREAMS")) == 2
     assert tuned.threads == 2
+
+
+def test_bf16_roi_align_precision_is_a_build_flag(tmp_path):
+    from build_tools import cli
+
+    args = cli.parser().parse_args(["compile", str(tmp_path), "--out", str(tmp_path / "o"),
+                                    "--openvino-bf16-roi-align", "bf16"])
+    assert cli._backend_options(args) == {"openvino": {"roi_align_precision": "bf16"}}
+    assert cli._backend_options(cli.parser().parse_args(["compile", str(tmp_path), "--out", "o"])) == {}
