@@ -422,17 +422,7 @@ def freeze_batch_norm_(model: MaskRCNN, batches: Iterable[Batch]) -> None:
     ``FrozenBatchNorm2d`` model then finds almost nothing. Training on with frozen statistics
     makes the training function the served one.
     """
-    norms = _batch_norms(model)
-    momenta = [norm.momentum for norm in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative average over the calibration batches
-    model.train()
-    with torch.no_grad():
-        for batch in batches:
-            _cumulative_backbone_pass(model, batch)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
+    measure_batch_norm_(model, batches)
     set_training_mode(model, bn_frozen=True)
 
 
