@@ -40,19 +40,20 @@ import cv2
 import httpx
 import numpy as np
 from pycocotools.coco import COCO
-from tqdm import tqdm
 
 DEFAULT_VARIANTS = "onnxruntime:fp32,openvino:fp32,openvino:bf16,onnxruntime:int8,openvino:int8"
 GOALS = {"fp32": (0.1, None), "bf16": (0.3, 0.30), "int8": (1.0, 0.18)}  # AP lost (points), time vs eager
 
 
-def _variants(text: str) -> list[tuple[str, str]]:
+def _variants(text: str) -> list[tuple[str, str, dict[str, str]]]:
+    """``backend:precision[:option=value...]`` items, comma-separated: e.g.
+    ``openvino:bf16:roi_align_precision=bf16`` passes that build option to the backend's compile."""
     out = []
     for item in text.split(","):
-        backend, _, precision = item.strip().partition(":")
-        if not backend or not precision:
-            raise argparse.ArgumentTypeError(f"variant {item!r} is not backend:precision")
-        out.append((backend, precision))
+        backend, precision, *options = item.strip().split(":")
+        if not backend or not precision or any("=" not in o for o in options):
+            raise argparse.ArgumentTypeError(f"variant {item!r} is not backend:precision[:option=value...]")
+        out.append((backend, precision, dict(o.split("=", 1) for o in options)))
     return out
 
 
@@ -87,16 +88,27 @@ def ap_against(reference: list[dict], results: list[dict], images: list[dict], i
     return evaluate(gt, results, image_ids)
 
 
-def served_results(url: str, coco: COCO, image_dir: Path, image_ids: list[int], desc: str) -> list[dict]:
-    results = []
-    with httpx.Client(timeout=600) as client:
-        for image_id in tqdm(image_ids, desc=desc, unit="img"):
-            body = (image_dir / coco.imgs[image_id]["file_name"]).read_bytes()
-            answer = client.post(url + "/predict", content=body, headers={"Content-Type": "image/jpeg"},
-                                 params={"format": "coco", "image_id": str(image_id)})
-            answer.raise_for_status()
-            results += answer.json()
-    return results
+def served_results(url: str, dataset, progress_path: Path, desc: str) -> list[dict]:
+    """Every image of ``dataset`` (a ``scripts.tools.eval_replay.Dataset``) posted to the service by
+    ``maskrcnn-eval``'s own client (``replay_dataset``: ``format=coco``, retries of transport
+    errors and 503s); its COCO results in image order. A fresh progress file each call: every
+    engine is a new run."""
+    import asyncio
+
+    from scripts.tools.eval_replay import ProgressLog, replay_dataset
+    from scripts.tools.http import replay_retry_policy
+
+    progress_path.unlink(missing_ok=True)
+    log = ProgressLog(progress_path, {"annotations": str(dataset.annotations.resolve()), "engine": desc})
+    log.load()
+    try:
+        outcome = asyncio.run(replay_dataset(dataset, [url], log, {}, concurrency=1, score_threshold=None,
+                                             policy=replay_retry_policy(2, 1.0), timeout_s=600, progress=True))
+    finally:
+        log.close()
+    if outcome.failures:
+        raise SystemExit(f"{desc}: {len(outcome.failures)} images failed: {outcome.failures}")
+    return [entry for image_id in dataset.image_ids for entry in outcome.finished[image_id].results]
 
 
 def time_served(url: str, jpeg: bytes, calls: int) -> tuple[list[float], int]:
@@ -139,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     from build_tools.origin import origin_reference
     from build_tools.pipeline import compile_step, export_step
     from scripts.tools.eager import EagerModel, write_eager_results
+    from scripts.tools.eval_replay import Dataset
     from scripts.tools.service_process import running_service
     from service.manifest import Manifest
     from service.settings import Settings
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     image_dir = args.data / args.split
     image_ids = sorted(coco.getImgIds())[:args.limit] if args.limit else sorted(coco.getImgIds())
     images = [coco.imgs[i] for i in image_ids]
+    dataset = Dataset(args.data / "annotations" / f"instances_{args.split}.json", image_dir, coco, image_ids)
     started = time.perf_counter()
 
     sha = sha256_of(args.checkpoint)
@@ -172,26 +186,27 @@ def main(argv: list[str] | None = None) -> int:
         reference_detections = len(reference.detect(rgb).labels)
         reference_times.append(time.perf_counter() - t0)
     reference_s = statistics.median(reference_times)
-    rows = [{"backend": reference.name, "precision": "fp32 (eager)", "box_ap": reference_ap["bbox"]["AP"],
+    rows = [{"backend": reference.name, "precision": "fp32 (eager)", "options": {}, "box_ap": reference_ap["bbox"]["AP"],
              "mask_ap": reference_ap["segm"]["AP"], "box_lost": 0.0, "mask_lost": 0.0, "box_agreement": 1.0,
              "mask_agreement": 1.0, "seconds": reference_s, "vs_eager": 1.0, "detections": reference_detections}]
 
     calib = args.calib_images or args.data / "train"
-    for backend, precision in args.variants:
-        artifact = export_dir.with_name(f"{export_dir.name}-{backend}-{precision}")
+    for backend, precision, options in args.variants:
+        suffix = "".join(f"-{k}-{v}" for k, v in sorted(options.items()))
+        artifact = export_dir.with_name(f"{export_dir.name}-{backend}-{precision}{suffix}")
         if not (artifact / "manifest.json").is_file():
             compile_step(export_dir, artifact, backend=backend, precision=precision, threads=args.threads,
                          calib_images=calib if precision == "int8" else None, calib_count=args.calib_count,
-                         run_verify=False)
+                         run_verify=False, backend_options={backend: options} if options else None)
         manifest = Manifest.load(artifact)
         settings = Settings(engine_dir=artifact, threads=args.threads, max_wait_ms=0)
         with running_service(artifact, settings, concurrency=1) as url:
-            results = served_results(url, coco, image_dir, image_ids, f"{backend} {precision}")
+            results = served_results(url, dataset, artifact / "fidelity.progress.jsonl", f"{backend} {precision}")
             served_times, served_detections = time_served(url, jpeg, args.timing_calls)
         ap = evaluate(coco, results, image_ids)
         agreement = ap_against(reference_results, results, images, image_ids)
         served_s = statistics.median(served_times)
-        rows.append({"backend": backend, "precision": manifest.precision, "box_ap": ap["bbox"]["AP"],
+        rows.append({"backend": backend, "precision": manifest.precision, "options": options, "box_ap": ap["bbox"]["AP"],
                      "mask_ap": ap["segm"]["AP"],
                      "box_lost": 100 * (reference_ap["bbox"]["AP"] - ap["bbox"]["AP"]),
                      "mask_lost": 100 * (reference_ap["segm"]["AP"] - ap["segm"]["AP"]),
@@ -209,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         goal_text = "" if goal is None else f"<= {goal[0]}" + (f", <= {goal[1]}x" if goal[1] else "")
         print(f"{r['backend']:<14}{r['precision']:<14}{100 * r['box_ap']:8.2f}{100 * r['mask_ap']:9.2f}"
               f"{r['box_lost']:10.2f}{r['mask_lost']:10.2f}{100 * r['box_agreement']:10.2f}"
-              f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}")
+              f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}"
+              + "".join(f"  {k}={v}" for k, v in r["options"].items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
