@@ -55,6 +55,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -397,9 +398,44 @@ def build_training_model(settings: TrainSettings, class_names: Sequence[str]) ->
         if isinstance(module, Bottleneck):
             # Each residual block starts as the identity: a 50-layer network trains from scratch.
             nn.init.zeros_(module.bn3.weight)
+    init_box_head_as_mmdet_(model)
     model.roi_heads.fg_bg_sampler.batch_size_per_image = settings.roi_samples
     model.rpn.fg_bg_sampler.batch_size_per_image = settings.rpn_samples
     return model.train()
+
+
+def init_box_head_as_mmdet_(model: MaskRCNN) -> None:
+    """Initialise the box head as mmdet's ``Shared2FCBBoxHead`` does (Xavier-uniform shared FCs
+    with zero bias, ``fc_cls`` normal std 0.01, ``fc_reg`` normal std 0.001, zero biases) instead
+    of ``nn.Linear``'s default.
+
+    Why: with the default initialisation a run of the default recipe ended with 959 of fc7's 1024
+    ReLU units dead (never positive on a batch of RoIs): the box head's classifier and regression
+    losses stayed at 0.5 and 0.9 from step 400 on while the mask loss fell to 0.08, and the model
+    scored box AP 0.012 (mmdet's own model on the 50 val images)."""
+    head, predictor = model.roi_heads.box_head, model.roi_heads.box_predictor
+    for fc in (head.fc6, head.fc7):
+        nn.init.xavier_uniform_(fc.weight)
+        nn.init.zeros_(fc.bias)
+    nn.init.normal_(predictor.cls_score.weight, std=0.01)
+    nn.init.normal_(predictor.bbox_pred.weight, std=0.001)
+    nn.init.zeros_(predictor.cls_score.bias)
+    nn.init.zeros_(predictor.bbox_pred.bias)
+
+
+class AliveUnits:
+    """Watches the box head's fc7: ``fraction`` is the share of its ReLU units positive on at least
+    one RoI of the last training step (a dying head shows here first); a forward hook, no extra pass."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        self.fraction = float("nan")
+        self._hook = model.roi_heads.box_head.fc7.register_forward_hook(self._record)
+
+    def _record(self, _module: nn.Module, _inputs, output: Tensor) -> None:
+        self.fraction = float((output.detach() > 0).any(dim=0).float().mean())
+
+    def remove(self) -> None:
+        self._hook.remove()
 
 
 def _batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -571,6 +607,7 @@ def train(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     recent: deque[dict[str, float]] = deque(maxlen=20)
+    alive = AliveUnits(model)
     stop_request = stop or StopRequest()
     handlers = contextlib.nullcontext() if stop is not None else stop_request.installed()
     session_start = time.perf_counter() - trained_seconds  # the clock of the whole run
@@ -612,12 +649,15 @@ def train(
                 mean = _mean(recent)
                 bar.write(f"iter {iteration} progress {run_progress():.3f} lr {lr:.2e} "
                           + " ".join(f"{k.removeprefix('loss_')} {v:.4f}" for k, v in mean.items())
-                          + f" elapsed {time.perf_counter() - session_start:.0f}s")
+                          + f" fc7_alive {alive.fraction:.3f}"
+                          + f" elapsed {time.perf_counter() - session_start:.0f}s", file=sys.stdout)
+                sys.stdout.flush()
             if on_step is not None:
                 on_step(iteration, values)
             if iteration % settings.save_every == 0:
                 save_state(state_path, model, optimizer, iteration, time.perf_counter() - session_start,
                            settings, bn_frozen)
+        alive.remove()
         trained_seconds = time.perf_counter() - session_start
         save_state(state_path, model, optimizer, iteration, trained_seconds, settings, bn_frozen)
 
