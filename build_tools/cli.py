@@ -82,6 +82,9 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                    help="openvino bf16: run RoIAlign and its RoI coordinates in fp32 (default: accurate; measured "
                         "1.93 s vs 1.31 s all-bf16 and 2.14 s fp32 per 1333x800 call on 2 cores) or in bf16 "
                         "(faster; a bf16 coordinate near 1000 px has an 8 px step)")
+    p.add_argument("--onnxruntime-int8-ranges", choices=("mean", "extreme"), default="mean",
+                   help="onnxruntime int8: each activation's range is the mean (default) or the extremes of its "
+                        "per-image min/max over the calibration images")
     p.add_argument("--allow-parity-failure", action="store_true", help="emit the engine even if it misses its tolerance")
 
 
@@ -158,6 +161,8 @@ def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
         options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
     if args.openvino_bf16_roi_align != "fp32":
         options["openvino"] = {"roi_align_precision": args.openvino_bf16_roi_align}
+    if args.onnxruntime_int8_ranges != "mean":
+        options["onnxruntime"] = {"activation_ranges": args.onnxruntime_int8_ranges}
     return options
 
 

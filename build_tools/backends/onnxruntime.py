@@ -2,7 +2,9 @@
 the convolutions and fully connected layers where the arithmetic is (``build_tools.precision_scopes``:
 backbone, FPN, RPN head, box and mask heads; per-channel weights, activations calibrated on real
 images), every other node excluded, so predictors' outputs, coordinates, RoIAlign, softmax and NMS
-stay fp32. ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
+stay fp32. Each activation's range is the mean over the calibration images of its per-image min and
+max (``activation_ranges="mean"``, the default; NNCF's OpenVINO int8 does the same) or their
+extremes over all images (``"extreme"``: one outlier image widens a range for every request). ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
 only adds casts.
 """
 
@@ -28,6 +30,7 @@ MODEL_FILE = "model.onnx"
 # Op types QDQ may quantise; of those nodes, only the ones in build_tools.precision_scopes' compute
 # scopes are (the NMS/TopK/RoiAlign machinery has none of these types and stays float anyway).
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+ACTIVATION_RANGES = ("mean", "extreme")
 
 
 class _FeedReader:
@@ -47,9 +50,13 @@ def compile(
     calibration: Iterable[dict[str, np.ndarray]] | None = None,
     *,
     shape_profile: ShapeProfile | None = None,
+    activation_ranges: str = "mean",
 ) -> tuple[str, dict]:
     """``model.onnx`` in ``out_dir``: the export copied (fp32) or quantised (int8). ``shape_profile``
-    is not needed: the graph keeps its dynamic axes."""
+    is not needed: the graph keeps its dynamic axes. ``activation_ranges`` (int8): ``mean`` or
+    ``extreme`` of the per-image activation min/max over the calibration images."""
+    if activation_ranges not in ACTIVATION_RANGES:
+        raise ValueError(f"activation_ranges must be one of {', '.join(ACTIVATION_RANGES)}, got {activation_ranges!r}")
     precision = canonical_precision(precision)
     try:
         check_precision(NAME, PRECISIONS, precision)
@@ -85,7 +92,7 @@ def compile(
         calibrate_method=CalibrationMethod.MinMax,
         # MinMax calibration reduces each activation to its min/max inside the augmented graph,
         # so its memory stays small however many images are fed
-        extra_options={"ActivationSymmetric": False},
+        extra_options={"ActivationSymmetric": False, "CalibMovingAverage": activation_ranges == "mean"},
     )
     return target.name, {
         "graph": "static QDQ int8",
@@ -94,5 +101,6 @@ def compile(
         "fp32_excluded_nodes": len(excluded),
         "per_channel": True,
         "calibration_method": "MinMax",
+        "activation_ranges": f"{activation_ranges} of per-image min/max",
         "calibration_images": len(feeds),
     }

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-calls", type=int, default=5)
     parser.add_argument("--timing-objects", type=int, default=60)
     parser.add_argument("--reference", choices=("origin", "maskrcnn-serve"), default="origin")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="reuse the reference's detections from an earlier run on the same checkpoint, split and "
+                             "image count (in --work) instead of running the reference again")
     parser.add_argument("--json", type=Path, default=None, help="write the table and run facts as JSON here")
     args = parser.parse_args(argv)
 
@@ -174,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = tuple(c.id for c in sorted(info.classes, key=lambda c: c.index))
     print(f"reference: {reference.name} ({reference.detail})")
     reference_json = args.work / f"reference-{reference.name}-{sha[:12]}-{args.split}-{len(image_ids)}.json"
-    write_eager_results(EagerModel(reference, ids), coco, image_dir, image_ids, reference_json)
+    if args.reuse_reference and reference_json.is_file():
+        print(f"reference detections reused from {reference_json}")
+    else:
+        write_eager_results(EagerModel(reference, ids), coco, image_dir, image_ids, reference_json)
     reference_results = json.loads(reference_json.read_text())
     reference_ap = evaluate(coco, reference_results, image_ids)
 
@@ -230,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": " ".join(sys.argv), "reference": reference.record(), "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": sha, "images": len(image_ids), "split": args.split, "threads": args.threads,
+            "checkpoint_sha256": sha, "reference_reused": bool(args.reuse_reference), "images": len(image_ids),
+            "split": args.split, "threads": args.threads,
             "timing_calls": args.timing_calls, "wall_s": time.perf_counter() - started, "rows": rows}, indent=1))
     return 0
 

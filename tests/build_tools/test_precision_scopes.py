@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 from build_tools.pipeline import compile_step
 from build_tools.precision_scopes import reduced_precision_allowed
@@ -93,3 +94,41 @@ def test_openvino_bf16_runs_roialign_and_its_coordinates_in_fp32(export_dir, pho
     out = engine.infer(images, sizes)
     assert set(out) == {"dets", "labels", "masks"} and out["dets"].shape[-1] == 5
     assert np.isfinite(out["dets"]).all()
+
+
+def _activation_scales(model_path: Path) -> dict[str, float]:
+    """Scale of each activation tensor's QuantizeLinear (weights are stored quantised, not quantised in the graph)."""
+    graph = onnx.load(str(model_path)).graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {node.input[0]: float(initializers[node.input[1]]) for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[0] not in initializers}
+
+
+def test_onnxruntime_int8_activation_ranges_are_the_mean_of_the_images_unless_asked(export_dir, photos, tmp_path):
+    calib = _calibration(tmp_path, photos)
+    mean = compile_step(export_dir, tmp_path / "mean", precision="int8", calib_images=calib, run_verify=False,
+                        progress=False)
+    extreme = compile_step(export_dir, tmp_path / "extreme", precision="int8", calib_images=calib, run_verify=False,
+                           progress=False, backend_options={"onnxruntime": {"activation_ranges": "extreme"}})
+    assert mean.tools.backend["activation_ranges"].startswith("mean")
+    assert extreme.tools.backend["activation_ranges"].startswith("extreme")
+    by_mean, by_extreme = _activation_scales(tmp_path / "mean" / mean.model_file), _activation_scales(
+        tmp_path / "extreme" / extreme.model_file)
+    assert by_mean.keys() == by_extreme.keys() and len(by_mean) > 50
+    # the extremes over two images hold each image's range, so their mean's is never wider ...
+    assert all(by_extreme[t] >= by_mean[t] * (1 - 1e-6) for t in by_mean)
+    # ... and two different photos make it narrower for most tensors
+    assert sum(by_extreme[t] > by_mean[t] * 1.01 for t in by_mean) > len(by_mean) // 2
+
+
+def test_onnxruntime_int8_activation_ranges_is_a_build_flag(tmp_path):
+    from build_tools import cli
+
+    args = cli.parser().parse_args(["compile", str(tmp_path), "--out", str(tmp_path / "o"),
+                                    "--onnxruntime-int8-ranges", "extreme"])
+    assert cli._backend_options(args) == {"onnxruntime": {"activation_ranges": "extreme"}}
+    from build_tools.backends import onnxruntime as onnxruntime_build
+
+    with pytest.raises(ValueError, match="activation_ranges must be one of mean, extreme"):
+        onnxruntime_build.compile(tmp_path / "model.onnx", tmp_path / "never", "int8", activation_ranges="median")
+    assert not (tmp_path / "never").exists()
