@@ -214,9 +214,13 @@ def compile_step(
         calibration = calibration_feeds(calib_paths, spec, 1 if info.shape_mutable else info.batch_size)
     shape_profile = shape_profile_of(info)
     # backends that build for a shape range (TensorRT profiles, MagicMind dim_range) take the manifest's
-    model_file, facts = get_builder(backend).compile(
-        Path(export_dir) / "model.onnx", staging, precision, calibration, shape_profile=shape_profile,
-        **(backend_options or {}).get(backend, {}))
+    try:
+        model_file, facts = get_builder(backend).compile(
+            Path(export_dir) / "model.onnx", staging, precision, calibration, shape_profile=shape_profile,
+            **(backend_options or {}).get(backend, {}))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-built is left behind
+        raise
     manifest = build_manifest(info, backend, precision, model_file, facts)
     manifest.tools.backend_choice = choice
     if calib_paths:

@@ -148,14 +148,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from build_tools.backend_choice import cpu_facts
     from build_tools.checkpoint import sha256_of
     from build_tools.coco_eval import evaluate, load_coco
+    from build_tools.errors import BuildError
     from build_tools.export import read_export_info
     from build_tools.origin import origin_reference
     from build_tools.pipeline import compile_step, export_step
     from scripts.tools.eager import EagerModel, write_eager_results
     from scripts.tools.eval_replay import Dataset
     from scripts.tools.service_process import running_service
+    from service.backends.base import UnsupportedPrecision
     from service.manifest import Manifest
     from service.settings import Settings
 
@@ -201,9 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "".join(f"-{k}-{v}" for k, v in sorted(options.items()))
         artifact = export_dir.with_name(f"{export_dir.name}-{backend}-{precision}{suffix}")
         if not (artifact / "manifest.json").is_file():
-            compile_step(export_dir, artifact, backend=backend, precision=precision, threads=args.threads,
-                         calib_images=calib if precision == "int8" else None, calib_count=args.calib_count,
-                         run_verify=False, backend_options={backend: options} if options else None)
+            try:
+                compile_step(export_dir, artifact, backend=backend, precision=precision, threads=args.threads,
+                             calib_images=calib if precision == "int8" else None, calib_count=args.calib_count,
+                             run_verify=False, backend_options={backend: options} if options else None)
+            except (BuildError, UnsupportedPrecision) as exc:  # not buildable here (backend or CPU): say so, go on
+                print(f"{backend} {precision}: skipped: {exc}", flush=True)
+                rows.append({"backend": backend, "precision": precision, "options": options, "skipped": str(exc)})
+                continue
         manifest = Manifest.load(artifact)
         settings = Settings(engine_dir=artifact, threads=args.threads, max_wait_ms=0)
         with running_service(artifact, settings, concurrency=1) as url:
@@ -220,14 +228,19 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": served_s, "vs_eager": served_s / reference_s, "detections": served_detections,
                      "calibration": manifest.calibration.model_dump() if manifest.calibration else None})
 
+    cpu = cpu_facts()
     print(f"\n{len(image_ids)} images of {args.data}/{args.split}; reference {reference.name}; "
-          f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads")
+          f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads; "
+          f"CPU {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2'})")
     header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost':>10}{'mask lost':>10}"
               f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}  goal (lost, time)")
     print(header)
     for r in rows:
         goal = GOALS.get(r["precision"])
         goal_text = "" if goal is None else f"<= {goal[0]}" + (f", <= {goal[1]}x" if goal[1] else "")
+        if r.get("skipped"):
+            print(f"{r['backend']:<14}{r['precision']:<14}  skipped: {r['skipped']}")
+            continue
         print(f"{r['backend']:<14}{r['precision']:<14}{100 * r['box_ap']:8.2f}{100 * r['mask_ap']:9.2f}"
               f"{r['box_lost']:10.2f}{r['mask_lost']:10.2f}{100 * r['box_agreement']:10.2f}"
               f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}"
@@ -236,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": " ".join(sys.argv), "reference": reference.record(), "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": sha, "reference_reused": bool(args.reuse_reference), "images": len(image_ids),
+            "checkpoint_sha256": sha, "cpu": cpu, "reference_reused": bool(args.reuse_reference), "images": len(image_ids),
             "split": args.split, "threads": args.threads,
             "timing_calls": args.timing_calls, "wall_s": time.perf_counter() - started, "rows": rows}, indent=1))
     return 0
