@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, resolve_backend
+from build_tools.backends.onnxruntime import ACTIVATION_RANGES
 from build_tools.checkpoint import (
     CHECKPOINT_CACHE,
     KNOWN_CHECKPOINTS,
@@ -82,7 +83,7 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                    help="openvino bf16: run RoIAlign and its RoI coordinates in fp32 (default: accurate; measured "
                         "1.93 s vs 1.31 s all-bf16 and 2.14 s fp32 per 1333x800 call on 2 cores) or in bf16 "
                         "(faster; a bf16 coordinate near 1000 px has an 8 px step)")
-    p.add_argument("--onnxruntime-int8-ranges", choices=("mean", "extreme"), default="mean",
+    p.add_argument("--onnxruntime-int8-ranges", choices=ACTIVATION_RANGES, default=ACTIVATION_RANGES[0],
                    help="onnxruntime int8: each activation's range is the mean (default) or the extremes of its "
                         "per-image min/max over the calibration images")
     p.add_argument("--allow-parity-failure", action="store_true", help="emit the engine even if it misses its tolerance")
@@ -161,7 +162,7 @@ def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
         options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
     if args.openvino_bf16_roi_align != "fp32":
         options["openvino"] = {"roi_align_precision": args.openvino_bf16_roi_align}
-    if args.onnxruntime_int8_ranges != "mean":
+    if args.onnxruntime_int8_ranges != ACTIVATION_RANGES[0]:
         options["onnxruntime"] = {"activation_ranges": args.onnxruntime_int8_ranges}
     return options
 

@@ -4,8 +4,9 @@ backbone, FPN, RPN head, box and mask heads; per-channel weights, activations ca
 images), every other node excluded, so predictors' outputs, coordinates, RoIAlign, softmax and NMS
 stay fp32. Each activation's range is the mean over the calibration images of its per-image min and
 max (``activation_ranges="mean"``, the default; NNCF's OpenVINO int8 does the same) or their
-extremes over all images (``"extreme"``: one outlier image widens a range for every request). ``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph
-only adds casts.
+extremes over all images (``"extreme"``: one outlier image widens a range for every request).
+``fp16`` is refused: the CPU provider has no fp16 convolution kernels, so a converted graph only
+adds casts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MODEL_FILE = "model.onnx"
 # Op types QDQ may quantise; of those nodes, only the ones in build_tools.precision_scopes' compute
 # scopes are (the NMS/TopK/RoiAlign machinery has none of these types and stays float anyway).
 QUANTIZED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-ACTIVATION_RANGES = ("mean", "extreme")
+ACTIVATION_RANGES = ("mean", "extreme")  # the first is the default
 
 
 class _FeedReader:
@@ -50,7 +51,7 @@ def compile(
     calibration: Iterable[dict[str, np.ndarray]] | None = None,
     *,
     shape_profile: ShapeProfile | None = None,
-    activation_ranges: str = "mean",
+    activation_ranges: str = ACTIVATION_RANGES[0],
 ) -> tuple[str, dict]:
     """``model.onnx`` in ``out_dir``: the export copied (fp32) or quantised (int8). ``shape_profile``
     is not needed: the graph keeps its dynamic axes. ``activation_ranges`` (int8): ``mean`` or
