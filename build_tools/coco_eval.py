@@ -12,11 +12,13 @@ ground truth's ``area`` does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -78,3 +80,78 @@ def evaluate(
             evaluator.summarize()
         scores[iou_type] = dict(zip(STAT_NAMES, (float(v) for v in evaluator.stats)))
     return scores
+
+
+def _per_image_evaluator(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[int], iou_type: str) -> COCOeval:
+    """COCOeval after ``evaluate()`` on ``image_ids``: its per-image matches (``evalImgs``) are what a
+    resample of the images re-accumulates."""
+    entries = [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(entries) if entries else COCO(), iou_type)
+        evaluator.params.imgIds = list(image_ids)
+        evaluator.evaluate()
+    return evaluator
+
+
+def _resampled_ap(evaluator: COCOeval, positions: np.ndarray) -> float:
+    """AP (IoU 0.50:0.95, all areas, 100 detections) of the images at ``positions`` (indices into
+    the evaluated image list, repeats allowed), from the matches ``evaluate()`` already made."""
+    evaluated = evaluator._paramsEval
+    images = len(evaluated.imgIds)
+    areas = len(evaluated.areaRng)
+    all_area = 0  # pycocotools' first area range is "all"
+    params = copy.deepcopy(evaluated)
+    params.imgIds = [evaluated.imgIds[p] for p in positions]
+    params.areaRng, params.areaRngLbl, params.maxDets = [evaluated.areaRng[all_area]], ["all"], [evaluated.maxDets[-1]]
+    resampled = copy.copy(evaluator)
+    resampled._paramsEval = params
+    resampled.evalImgs = [evaluator.evalImgs[k * areas * images + all_area * images + p]
+                          for k in range(len(evaluated.catIds)) for p in positions]
+    with contextlib.redirect_stdout(io.StringIO()):
+        resampled.accumulate(params)
+    precision = resampled.eval["precision"]
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def ap_difference(
+    coco: COCO,
+    reference: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    image_ids: Sequence[int],
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    iou_types: Sequence[str] = IOU_TYPES,
+) -> dict[str, dict[str, float]]:
+    """AP points ``results`` lose against ``reference`` on the same images, with a paired bootstrap
+    interval: how far the loss could move on another draw of as many images.
+
+    Both result sets are matched to the ground truth once; each of ``samples`` draws of
+    ``len(image_ids)`` images with replacement re-accumulates both on the same draw. AP here is
+    pycocotools' headline AP (IoU 0.50:0.95, all areas, 100 detections), in points (0-100).
+
+    Returns:
+        ``{iou_type: {"lost": AP(reference) - AP(results) on image_ids, "low", "high": the
+        central ``confidence`` interval of the loss over the draws, "samples"}}``.
+
+    Raises:
+        ValueError: no images, fewer than 2 samples, or a confidence outside (0, 1).
+    """
+    if not image_ids:
+        raise ValueError("ap_difference needs at least one image")
+    if samples < 2 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"samples must be >= 2 and confidence in (0, 1), got {samples} and {confidence}")
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(image_ids), len(image_ids)) for _ in range(samples)]
+    everything = np.arange(len(image_ids))
+    out: dict[str, dict[str, float]] = {}
+    for iou_type in iou_types:
+        ref = _per_image_evaluator(coco, reference, image_ids, iou_type)
+        res = _per_image_evaluator(coco, results, image_ids, iou_type)
+        lost = [100 * (_resampled_ap(ref, d) - _resampled_ap(res, d)) for d in draws]
+        tail = 100 * (1 - confidence) / 2
+        low, high = np.percentile(lost, [tail, 100 - tail])
+        out[iou_type] = {"lost": 100 * (_resampled_ap(ref, everything) - _resampled_ap(res, everything)),
+                         "low": float(low), "high": float(high), "samples": samples}
+    return out

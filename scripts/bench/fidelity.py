@@ -9,7 +9,10 @@ For one checkpoint (the demo model by default) and one COCO-layout split (its va
 2. one export, then one engine per ``--variants`` entry (``backend:precision``; int8 calibrated on
    ``--calib-count`` images of ``--calib-images``), each served by ``maskrcnn-serve`` on loopback
    and sent every image of the split over HTTP (``format=coco``): its AP against the ground truth,
-   and ``AP lost`` = the reference's AP minus the served AP, in points (box and mask);
+   and ``AP lost`` = the reference's AP minus the served AP, in points (box and mask), with its
+   95 % paired bootstrap interval over the split's images (``build_tools.coco_eval.ap_difference``,
+   ``--bootstrap-samples`` draws): how far the loss could move on another draw of as many images,
+   so a bound is met only where the whole interval lies under it;
    ``agreement`` is the served detections' AP with the reference's own detections taken as ground
    truth (100 = the reference reproduced; far stricter: every reshuffled low-score detection counts);
 3. speed: one 1333x800 scene of many objects (``--timing-objects``; the answer's detection count is
@@ -55,6 +58,12 @@ def _variants(text: str) -> list[tuple[str, str, dict[str, str]]]:
             raise argparse.ArgumentTypeError(f"variant {item!r} is not backend:precision[:option=value...]")
         out.append((backend, precision, dict(o.split("=", 1) for o in options)))
     return out
+
+
+def _lost(row: dict, kind: str) -> str:
+    """``row``'s AP lost of ``kind`` ("box" or "mask") and its interval: ``0.56 [-2.60, 3.74]``."""
+    low, high = row[f"{kind}_lost_95"]
+    return f"{row[f'{kind}_lost']:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def timing_scene(objects: int, seed: int = 7) -> tuple[np.ndarray, bytes]:
@@ -139,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads of the reference and of each engine")
     parser.add_argument("--timing-calls", type=int, default=5)
     parser.add_argument("--timing-objects", type=int, default=60)
+    parser.add_argument("--bootstrap-samples", type=int, default=1000,
+                        help="image draws of the AP-lost interval (default 1000)")
     parser.add_argument("--reference", choices=("origin", "maskrcnn-serve"), default="origin")
     parser.add_argument("--reuse-reference", action="store_true",
                         help="reuse the reference's detections from an earlier run on the same checkpoint, split and "
@@ -150,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from build_tools.backend_choice import cpu_facts
     from build_tools.checkpoint import sha256_of
-    from build_tools.coco_eval import evaluate, load_coco
+    from build_tools.coco_eval import ap_difference, evaluate, load_coco
     from build_tools.errors import BuildError
     from build_tools.export import read_export_info
     from build_tools.origin import origin_reference
@@ -196,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         reference_times.append(time.perf_counter() - t0)
     reference_s = statistics.median(reference_times)
     rows = [{"backend": reference.name, "precision": "fp32 (eager)", "options": {}, "box_ap": reference_ap["bbox"]["AP"],
-             "mask_ap": reference_ap["segm"]["AP"], "box_lost": 0.0, "mask_lost": 0.0, "box_agreement": 1.0,
+             "mask_ap": reference_ap["segm"]["AP"], "box_lost": 0.0, "mask_lost": 0.0,
+             "box_lost_95": [0.0, 0.0], "mask_lost_95": [0.0, 0.0], "box_agreement": 1.0,
              "mask_agreement": 1.0, "seconds": reference_s, "vs_eager": 1.0, "detections": reference_detections}]
 
     calib = args.calib_images or args.data / "train"
@@ -218,12 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             results = served_results(url, dataset, artifact / "fidelity.progress.jsonl", f"{backend} {precision}")
             served_times, served_detections = time_served(url, jpeg, args.timing_calls)
         ap = evaluate(coco, results, image_ids)
+        lost = ap_difference(coco, reference_results, results, image_ids, samples=args.bootstrap_samples)
         agreement = ap_against(reference_results, results, images, image_ids)
         served_s = statistics.median(served_times)
         rows.append({"backend": backend, "precision": manifest.precision, "options": options, "box_ap": ap["bbox"]["AP"],
                      "mask_ap": ap["segm"]["AP"],
-                     "box_lost": 100 * (reference_ap["bbox"]["AP"] - ap["bbox"]["AP"]),
-                     "mask_lost": 100 * (reference_ap["segm"]["AP"] - ap["segm"]["AP"]),
+                     "box_lost": lost["bbox"]["lost"], "mask_lost": lost["segm"]["lost"],
+                     "box_lost_95": [lost["bbox"]["low"], lost["bbox"]["high"]],
+                     "mask_lost_95": [lost["segm"]["low"], lost["segm"]["high"]],
                      "box_agreement": agreement["bbox"]["AP"], "mask_agreement": agreement["segm"]["AP"],
                      "seconds": served_s, "vs_eager": served_s / reference_s, "detections": served_detections,
                      "calibration": manifest.calibration.model_dump() if manifest.calibration else None})
@@ -232,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(image_ids)} images of {args.data}/{args.split}; reference {reference.name}; "
           f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads; "
           f"CPU {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2'})")
-    header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost':>10}{'mask lost':>10}"
+    header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost [95%]':>22}{'mask lost [95%]':>22}"
               f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}  goal (lost, time)")
     print(header)
     for r in rows:
@@ -242,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['backend']:<14}{r['precision']:<14}  skipped: {r['skipped']}")
             continue
         print(f"{r['backend']:<14}{r['precision']:<14}{100 * r['box_ap']:8.2f}{100 * r['mask_ap']:9.2f}"
-              f"{r['box_lost']:10.2f}{r['mask_lost']:10.2f}{100 * r['box_agreement']:10.2f}"
+              f"{_lost(r, 'box'):>22}{_lost(r, 'mask'):>22}{100 * r['box_agreement']:10.2f}"
               f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}"
               + "".join(f"  {k}={v}" for k, v in r["options"].items()))
     if args.json:
@@ -250,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "command": " ".join(sys.argv), "reference": reference.record(), "checkpoint": str(args.checkpoint),
             "checkpoint_sha256": sha, "cpu": cpu, "reference_reused": bool(args.reuse_reference), "images": len(image_ids),
+            "bootstrap_samples": args.bootstrap_samples,
             "split": args.split, "threads": args.threads,
             "timing_calls": args.timing_calls, "wall_s": time.perf_counter() - started, "rows": rows}, indent=1))
     return 0

@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from build_tools.coco_eval import STAT_NAMES, evaluate, load_coco
+from build_tools.coco_eval import STAT_NAMES, ap_difference, evaluate, load_coco
 
 H = W = 200
 
@@ -105,3 +105,58 @@ def test_the_eval_tools_score_through_it():
     from scripts.tools import eval_replay
 
     assert eval_replay.evaluate is coco_eval.evaluate and demo_eval.evaluate is coco_eval.evaluate
+
+
+@pytest.fixture()
+def six_images(tmp_path) -> tuple[COCO, list[dict]]:
+    """Six images with one or two squares each, and those squares as detections (AP 1)."""
+    images, annotations, detections = [], [], []
+    for image_id in range(1, 7):
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": H, "width": W})
+        for k in range(1 + image_id % 2):
+            x, y, side = 10 + 90 * k, 20 + 5 * image_id, 30 + 4 * image_id
+            box = [x, y, side, side]
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1 + k,
+                                "segmentation": rle(square(x, y, side)), "area": side * side, "bbox": box,
+                                "iscrowd": 0})
+            detections.append({"image_id": image_id, "category_id": 1 + k, "score": 0.9 - 0.1 * k, "bbox": box,
+                               "segmentation": rle(square(x, y, side))})
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return load_coco(path), detections
+
+
+def test_ap_difference_of_identical_results_is_exactly_zero(six_images):
+    coco, detections = six_images
+    out = ap_difference(coco, detections, [dict(d) for d in detections], [1, 2, 3, 4, 5, 6], samples=50)
+    assert out == {t: {"lost": 0.0, "low": 0.0, "high": 0.0, "samples": 50} for t in ("bbox", "segm")}
+
+
+def test_ap_difference_is_evaluates_loss_and_its_interval_spans_the_image_draws(six_images):
+    """One image's detection moved half its side: the loss equals evaluate()'s (pycocotools' whole
+    pipeline), draws without that image lose nothing, so the interval runs from 0 to above the loss."""
+    coco, detections = six_images
+    damaged = [dict(d) for d in detections]
+    moved = next(d for d in damaged if d["image_id"] == 3)
+    x, y, side, _ = moved["bbox"]
+    moved["bbox"] = [x + side // 2, y, side, side]
+    moved["segmentation"] = rle(square(x + side // 2, y, side))
+    ids = [1, 2, 3, 4, 5, 6]
+    before, after = evaluate(coco, detections, ids), evaluate(coco, damaged, ids)
+    out = ap_difference(coco, detections, damaged, ids, samples=400, seed=1)
+    for iou_type in ("bbox", "segm"):
+        expected = 100 * (before[iou_type]["AP"] - after[iou_type]["AP"])
+        assert expected > 1.0
+        assert out[iou_type]["lost"] == pytest.approx(expected, abs=1e-9)
+        assert out[iou_type]["low"] == pytest.approx(0.0, abs=1e-9)  # (5/6)**6 = a third of the draws miss image 3
+        assert out[iou_type]["high"] > out[iou_type]["lost"]
+    assert ap_difference(coco, detections, damaged, ids, samples=400, seed=1) == out  # seeded: reproducible
+    assert ap_difference(coco, detections, [], ids, samples=20)["bbox"]["lost"] == pytest.approx(100.0)
+
+
+def test_ap_difference_refuses_what_it_cannot_estimate(six_images):
+    coco, detections = six_images
+    for kwargs in ({"image_ids": []}, {"image_ids": [1], "samples": 1}, {"image_ids": [1], "confidence": 1.0}):
+        with pytest.raises(ValueError):
+            ap_difference(coco, detections, detections, **kwargs)

@@ -1,7 +1,10 @@
 """Reduced precisions on the demo model: ground-truth AP within the project's bounds of fp32's.
 
 The bounds (issue "accelerated engines"): int8 may lose at most 1.0 AP point and bf16 at most 0.3
-against the eager fp32 reference, box and mask, scored by pycocotools on the demo val images. Random
+against the eager fp32 reference, box and mask, scored by pycocotools on the whole demo val split, as
+the goals are measured (on its first 20 images alone, OpenVINO int8 lost 3.06 box points on the
+45-minute model of 2026-12-02, and 0.74 on all 50: a 50-image loss is itself uncertain by points,
+see ``scripts/bench/fidelity.py``'s interval). Random
 weights cannot show this (their detections mean nothing), so the test needs the trained demo model
 (README, "Demo data and the demo model") and skips with that reason where it is absent, as in CI.
 ``MASKRCNN_DEMO_CHECKPOINT`` and ``MASKRCNN_DEMO_DATA`` point elsewhere.
@@ -23,7 +26,6 @@ from service.backends import get_backend
 
 DEMO = Path(os.environ.get("MASKRCNN_DEMO_CHECKPOINT", ROOT / ".cache/demo/demo_mask_rcnn.pth"))
 DATA = Path(os.environ.get("MASKRCNN_DEMO_DATA", ROOT / ".cache/demo/data"))
-GT_IMAGES = 20
 CASES = [("openvino", "bf16"), ("openvino", "int8"), ("onnxruntime", "int8")]
 
 missing = [str(p) for p in (DEMO, DATA / "annotations/instances_val.json", DATA / "train") if not p.exists()]
@@ -47,7 +49,7 @@ def _usable(backend: str, precision: str) -> str | None:
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """One ``scripts.bench.build`` run (a subprocess: benchmarks are leaves): eager fp32 and every
-    case on the first GT_IMAGES demo val images."""
+    case on every demo val image."""
     from build_tools.checkpoint import sha256_of
     from build_tools.pipeline import export_step
 
@@ -60,7 +62,7 @@ def rows(tmp_path_factory):
         sys.executable, "-m", "scripts.bench.build",
         "--export", str(export), "--backends", ",".join(dict.fromkeys(b for b, _ in cases)),
         "--precisions", ",".join(dict.fromkeys(p for _, p in cases)), "--calib-images", str(DATA / "train"),
-        "--artifacts", str(CACHE / "demo-artifacts"), "--gt-data", str(DATA), "--gt-limit", str(GT_IMAGES),
+        "--artifacts", str(CACHE / "demo-artifacts"), "--gt-data", str(DATA),
         "--iterations", "1", "--warmup", "0", "--no-stock", "--json", str(out),
     ], cwd=ROOT, capture_output=True, text=True)
     assert bench.returncode == 0, bench.stderr[-3000:]
