@@ -34,6 +34,14 @@ def _key(**params) -> str:
     return digest.hexdigest()[:16]
 
 
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO is installed and reports BF16 for this CPU (AVX512_BF16 or AMX): where it
+    does not, a bf16 build is refused (``UnsupportedPrecision``) instead of running as fp32."""
+    from service.backends import openvino
+
+    return openvino.available()[0] and "BF16" in openvino.cpu_capabilities()
+
+
 def cached_export(batch_size: int = 1, score_threshold: float = 0.0, seed: int = 0) -> Path:
     """Export folder (model.onnx + export.json) of the random-init mmdet-config model."""
     from build_tools.pipeline import export_step

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, ROOT, _build_into, _key
+from conftest import CACHE, ROOT, _build_into, _key, openvino_has_bf16
 
 from build_tools.backend_choice import AP_BOUNDS
 from service.backends import get_backend
@@ -41,8 +41,8 @@ def _usable(backend: str, precision: str) -> str | None:
     ok, reason = module.available()
     if not ok:
         return reason
-    if precision == "bf16" and "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
-        return "this CPU has no AVX512_BF16: OpenVINO would run bf16 as fp32"
+    if precision == "bf16" and not openvino_has_bf16():
+        return "OpenVINO reports no bf16 on this CPU (neither AVX512_BF16 nor AMX)"
     return None
 
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, openvino_has_bf16
 
 from build_tools import cli
 from build_tools.backend_choice import BACKEND_CHOICE, resolve_backend
@@ -123,13 +123,7 @@ def test_choice_keeps_precisions_within_their_ap_bound():
     assert choose_backends(rows, ap_bounds={})["choice"]["int8"]["backend"] == "openvino"
 
 
-def _second_precision() -> str | None:
-    if OPENVINO_OK and "BF16" in openvino.cpu_capabilities():
-        return "bf16"
-    return None
-
-
-@pytest.mark.skipif(_second_precision() is None, reason="needs openvino on a CPU with bf16")
+@pytest.mark.skipif(not openvino_has_bf16(), reason="needs openvino on a CPU with bf16")
 def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_path, capsys):
     table = write_table(tmp_path / "choice.json", {
         "fp32": {"backend": "onnxruntime", "why": "measured for the test"},

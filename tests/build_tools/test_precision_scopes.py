@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import openvino_has_bf16
 from onnx import numpy_helper
 
 from build_tools.pipeline import compile_step
@@ -73,13 +74,7 @@ def test_openvino_int8_puts_fake_quantize_before_compute_layers_only(export_dir,
     assert not any(n.startswith(("/box_predictor/", "/head/cls_logits", "/head/bbox_pred")) for n in fed_by_fq)
 
 
-def _cpu_has_bf16() -> bool:
-    from service.backends.openvino import cpu_capabilities
-
-    return "BF16" in cpu_capabilities()
-
-
-@pytest.mark.skipif(not _cpu_has_bf16(), reason="this CPU has neither AVX512_BF16 nor AMX: OpenVINO has no bf16 here")
+@pytest.mark.skipif(not openvino_has_bf16(), reason="this CPU has neither AVX512_BF16 nor AMX: OpenVINO has no bf16 here")
 def test_openvino_bf16_runs_roialign_and_its_coordinates_in_fp32(export_dir, photos, tmp_path):
     manifest = compile_step(export_dir, tmp_path / "ov-bf16", backend="openvino", precision="bf16",
                             run_verify=False, progress=False)
@@ -103,7 +98,7 @@ def test_openvino_bf16_runs_roialign_and_its_coordinates_in_fp32(export_dir, pho
     assert np.isfinite(out["dets"]).all()
 
 
-@pytest.mark.skipif(_cpu_has_bf16(), reason="this CPU has bf16: the refusal cannot happen here")
+@pytest.mark.skipif(openvino_has_bf16(), reason="this CPU has bf16: the refusal cannot happen here")
 def test_openvino_bf16_is_refused_on_a_cpu_without_it(export_dir, tmp_path):
     from service.backends.base import UnsupportedPrecision
 
