@@ -55,6 +55,14 @@ def cpu_facts() -> dict[str, Any]:
             "flags": [f for f in _CPU_FLAGS if f in flags]}
 
 
+def describe_cpu(facts: Mapping[str, Any] | None) -> str:
+    """One line of :func:`cpu_facts`: ``AMD EPYC (2 cores; avx2, avx512f)``; ``unknown CPU`` for none."""
+    if not facts:
+        return "unknown CPU"
+    flags = ", ".join(facts.get("flags", [])) or "no AVX2"
+    return f"{facts.get('model', 'unknown model')} ({facts.get('cores', '?')} cores; {flags})"
+
+
 def same_cpu_kind(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Same CPU model and the same relevant instruction sets (core counts may differ)."""
     return (a.get("model"), a.get("machine"), sorted(a.get("flags", []))) == (

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, resolve_backend
+from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, cpu_facts, describe_cpu, resolve_backend
 from build_tools.backends.onnxruntime import ACTIVATION_RANGES
 from build_tools.checkpoint import (
     CHECKPOINT_CACHE,
@@ -260,6 +260,11 @@ def _build(args: argparse.Namespace, export_dir: Path) -> int:
             out = Path(args.out) / f"{backend}-{precision}" if several else Path(args.out)
             how = f" (--backend auto: {choice['why']})" if choice else ""
             print(f"compiling for {backend} {precision}{how} -> {out} ...", file=sys.stderr)
+            if choice and not choice["same_cpu_kind"]:
+                print(f"maskrcnn-build: note: {choice['table']} was measured on another kind of CPU "
+                      f"({describe_cpu(choice['measured'].get('cpu'))}; this one: {describe_cpu(cpu_facts())}), so "
+                      f"{backend} may not be the fastest here: remeasure with `python -m scripts.bench.build ... "
+                      f"--write-choice FILE` and pass --backend-choice FILE", file=sys.stderr)
             manifest = _compile(args, export_dir, precision, out)
         except (BuildError, BackendUnavailable, BuildFailed, UnsupportedPrecision, FileNotFoundError) as exc:
             if not several:

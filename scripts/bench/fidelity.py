@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from build_tools.backend_choice import cpu_facts
+    from build_tools.backend_choice import cpu_facts, describe_cpu
     from build_tools.checkpoint import sha256_of
     from build_tools.coco_eval import ap_difference, evaluate, load_coco
     from build_tools.errors import BuildError
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = cpu_facts()
     print(f"\n{len(image_ids)} images of {args.data}/{args.split}; reference {reference.name}; "
           f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads; "
-          f"CPU {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2'})")
+          f"CPU {describe_cpu(cpu)}")
     header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost [95%]':>22}{'mask lost [95%]':>22}"
               f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}  goal (lost, time)")
     print(header)

@@ -62,8 +62,11 @@ def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
 
     code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "auto",
                      "--backend-choice", table, "--no-verify"])
-    out = capsys.readouterr().out
+    printed = capsys.readouterr()
+    out = printed.out
     assert code == 0
+    # the table's CPU ({}: unknown) is not this one: the choice is followed, with a note saying so
+    assert "was measured on another kind of CPU (unknown CPU; this one: " in printed.err
     manifest = Manifest.load(tmp_path / "eng")  # one precision: the folder named by --out, as before
     assert manifest.backend == "onnxruntime"
     assert manifest.tools.backend_choice["requested"] == "auto"
