@@ -37,6 +37,12 @@ def load_coco(annotation_file: str | Path) -> COCO:
         return COCO(str(annotation_file))
 
 
+def _entries(results: list[dict[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of ``results`` for ``loadRes`` (it writes "area" and "id" into its entries); segm's
+    without ``bbox``, so areas come from the masks (module docstring)."""
+    return [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
+
+
 def evaluate(
     coco: COCO,
     results: list[dict[str, Any]],
@@ -67,11 +73,9 @@ def evaluate(
                 print("no detections: every AP is 0")
             scores[iou_type] = dict.fromkeys(STAT_NAMES, 0.0)
             continue
-        # copies: loadRes writes "area" and "id" into its entries
-        entries = [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
         chatter = io.StringIO()
         with contextlib.redirect_stdout(chatter):
-            evaluator = COCOeval(coco, coco.loadRes(entries), iou_type)
+            evaluator = COCOeval(coco, coco.loadRes(_entries(results, iou_type)), iou_type)
             if image_ids is not None:
                 evaluator.params.imgIds = list(image_ids)
             evaluator.evaluate()
@@ -85,9 +89,8 @@ def evaluate(
 def _per_image_evaluator(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[int], iou_type: str) -> COCOeval:
     """COCOeval after ``evaluate()`` on ``image_ids``: its per-image matches (``evalImgs``) are what a
     resample of the images re-accumulates."""
-    entries = [dict(r) if iou_type == "bbox" else {k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = COCOeval(coco, coco.loadRes(entries) if entries else COCO(), iou_type)
+        evaluator = COCOeval(coco, coco.loadRes(_entries(results, iou_type)) if results else COCO(), iou_type)
         evaluator.params.imgIds = list(image_ids)
         evaluator.evaluate()
     return evaluator
@@ -145,12 +148,12 @@ def ap_difference(
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(image_ids), len(image_ids)) for _ in range(samples)]
     everything = np.arange(len(image_ids))
+    tail = 100 * (1 - confidence) / 2
     out: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
         ref = _per_image_evaluator(coco, reference, image_ids, iou_type)
         res = _per_image_evaluator(coco, results, image_ids, iou_type)
         lost = [100 * (_resampled_ap(ref, d) - _resampled_ap(res, d)) for d in draws]
-        tail = 100 * (1 - confidence) / 2
         low, high = np.percentile(lost, [tail, 100 - tail])
         out[iou_type] = {"lost": 100 * (_resampled_ap(ref, everything) - _resampled_ap(res, everything)),
                          "low": float(low), "high": float(high), "samples": samples}

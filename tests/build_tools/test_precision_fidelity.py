@@ -3,7 +3,7 @@
 The bounds (issue "accelerated engines"): int8 may lose at most 1.0 AP point and bf16 at most 0.3
 against the eager fp32 reference, box and mask, scored by pycocotools on the whole demo val split, as
 the goals are measured (on its first 20 images alone, OpenVINO int8 lost 3.06 box points on the
-45-minute model of 2026-12-02, and 0.74 on all 50: a 50-image loss is itself uncertain by points,
+shapes-only demo model of 2026-12-02, and 0.74 on all 50: a 50-image loss is itself uncertain by points,
 see ``scripts/bench/fidelity.py``'s interval). Random
 weights cannot show this (their detections mean nothing), so the test needs the trained demo model
 (README, "Demo data and the demo model") and skips with that reason where it is absent, as in CI.
