@@ -6,7 +6,7 @@ only, at the score threshold 0 so every image carries the full 100 detections th
 head), or taken from ``--engine NAME=DIR``. Each engine and its eager PyTorch reference (the model
 the manifest records, rebuilt by ``build_tools.reference``) run the same photograph, prepared by
 the service's preprocessing (``--scale``: resize limits, default mmdet's 1333x800), calls
-alternating through ``scripts.tools.timing.time_calls``. Reported: median seconds per image, the
+alternating through ``build_tools.timing.time_calls``. Reported: median seconds per image, the
 eager/engine ratio of each architecture, and each engine's time relative to the R-50 engine when
 R-50 is in the run; all measured in the same run.
 
@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from build_tools.timing import time_calls
 from scripts.tools.photos import photo_paths
-from scripts.tools.timing import time_calls
 
 ARCHS: dict[str, dict[str, int]] = {
     "r50": {"depth": 50},

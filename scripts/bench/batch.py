@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from build_tools.timing import time_calls
 from scripts.tools.photos import photo_paths
-from scripts.tools.timing import time_calls
 
 
 def runnable_batches(manifest, batches: Sequence[int]) -> list[int]:

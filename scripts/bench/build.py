@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.tools.timing import time_calls
+from build_tools.timing import time_calls
 
 
 def _stock_torchvision_onnx(cache: Path, hw: tuple[int, int]) -> Path:

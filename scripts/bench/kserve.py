@@ -2,7 +2,7 @@
 
 One ``maskrcnn-serve`` (``scripts.tools.service_process.running_service``) on loopback; one client sends
 the same JPEG again and again, one request at a time, taking turns call by call
-(``scripts.tools.timing.time_calls``, alternating who goes first) between:
+(``build_tools.timing.time_calls``, alternating who goes first) between:
 
 - ``predict``: ``POST /predict`` with the raw image body, the native JSON answer;
 - ``v2 binary``: tritonclient's ``infer`` with the image as binary BYTES, outputs in binary;
@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 import tritonclient.http as triton
 
+from build_tools.timing import latency_summary, time_calls
 from scripts.tools.photos import synthetic_photo
 from scripts.tools.service_process import running_service
-from scripts.tools.timing import latency_summary, time_calls
 from service.settings import Settings
 
 GOAL = 1.05

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as coco_mask
 
-from scripts.tools.timing import time_calls
+from build_tools.timing import time_calls
 from service.postprocess import (
     paste_masks,
     postprocess_image,

@@ -7,7 +7,7 @@ posting the JPEG until ``--images`` answers came back (all must be 200).
 
 The two phases alternate for ``--rounds`` rounds, in turn going first (the server stays up, idle
 during the engine phase), so load from other processes on a shared machine hits both alike; each phase counts
-images over its own wall time (``scripts.tools.timing.time_calls``), after one untimed warm-up
+images over its own wall time (``build_tools.timing.time_calls``), after one untimed warm-up
 call of each. From the server's /metrics come the
 share of the service phase its engine was busy (near 100 % means the service keeps the engine
 saturated; this share does not move with outside load the way the ratio does) and per-stage
@@ -29,9 +29,9 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from build_tools.timing import time_calls
 from scripts.tools.photos import synthetic_photo
 from scripts.tools.service_process import running_service
-from scripts.tools.timing import time_calls
 from service.backends import Engine, load_engine
 from service.decode import decode_image
 from service.preprocess import pad_batch, prepare_image

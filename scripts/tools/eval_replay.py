@@ -43,9 +43,9 @@ from pycocotools.coco import COCO
 from tqdm import tqdm
 
 from build_tools.coco_eval import IOU_TYPES, STAT_NAMES, evaluate, load_coco
+from build_tools.timing import latency_summary
 from scripts.tools.eager import EagerReferenceError, eager_model, write_eager_results
 from scripts.tools.http import UnknownImageType, image_headers, replay_retry_policy
-from scripts.tools.timing import latency_summary
 from service.client import AnswerError, RetryPolicy
 
 AP_NAMES = STAT_NAMES[:6]

@@ -57,9 +57,9 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from build_tools.timing import latency_summary
 from scripts.tools.http import UnknownImageType, image_headers
 from scripts.tools.photos import synthetic_photo
-from scripts.tools.timing import latency_summary
 
 RSS_METRIC = "process_resident_memory_bytes"  # prometheus_client's process collector
 

@@ -25,9 +25,9 @@ from typing import Any
 import cv2
 import numpy as np
 
+from build_tools.timing import latency_summary, time_calls
 from scripts.tools.eager import EagerReferenceError, eager_reference
 from scripts.tools.photos import synthetic_photo
-from scripts.tools.timing import latency_summary, time_calls
 from service.backends import load_engine
 from service.manifest import Manifest, ManifestError
 from service.preprocess import InputSpec, pad_batch, prepare_image

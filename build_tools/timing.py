@@ -1,4 +1,8 @@
-"""The one timing loop of the CLIs and benchmarks, and the latency summary they report."""
+"""The one timing loop of verify, the CLIs and the benchmarks, and the latency summary they report.
+
+It lives in ``build_tools`` because the build's verify step times with it too, and ``build_tools``
+imports nothing from ``scripts``.
+"""
 
 from __future__ import annotations
 
