@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_tools.shapes import pad_to, profile_shapes
 from service.backends.base import (
     INPUT_DTYPES,
     INPUT_NAMES,
@@ -28,7 +29,6 @@ from service.backends.base import (
     require_calibration,
 )
 from service.backends.magicmind import NAME, PRECISIONS, check_status, runtime_module
-from service.backends.shapes import pad_to, profile_shapes
 from service.manifest import ShapeProfile
 
 MODEL_FILE = "model.mm"
@@ -61,7 +61,7 @@ def builder_config(
         input_shapes: the graph's inputs in order with -1 for dynamic dimensions, as given to
             ``set_dimension`` (a fixed batch stays fixed).
         shape_profile: the manifest's shape profile, or None for the defaults of
-            :func:`service.backends.shapes.profile_shapes` (H and W 32..1344).
+            :func:`build_tools.shapes.profile_shapes` (H and W 32..1344).
         archs: MLU architectures to compile for (e.g. ``["mtp_372"]``); None for the build
             machine's own.
     """

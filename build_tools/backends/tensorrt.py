@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from build_tools.shapes import pad_to, profile_shapes
 from service.backends.base import (
     BackendUnavailable,
     BuildFailed,
@@ -25,7 +26,6 @@ from service.backends.base import (
     check_precision,
     require_calibration,
 )
-from service.backends.shapes import pad_to, profile_shapes
 from service.backends.tensorrt import (
     NAME,
     PRECISIONS,
@@ -108,7 +108,7 @@ def compile(
     """Build ``model.plan`` from the ONNX export on this machine's GPU.
 
     Args:
-        shape_profile: the manifest's (see ``service.backends.shapes.profile_shapes``); None for
+        shape_profile: the manifest's (see ``build_tools.shapes.profile_shapes``); None for
             its defaults.
         workspace_bytes: builder scratch memory (default 4 GiB).
         timing_cache: a timing cache shared between builds (``maskrcnn-build

@@ -13,9 +13,9 @@ from build_tools import cli
 from build_tools.backends import get_builder
 from build_tools.images import list_images
 from build_tools.pipeline import compile_step
+from build_tools.shapes import pad_to, profile_shapes
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import BackendUnavailable, get_backend, load_engine
-from service.backends.shapes import pad_to, profile_shapes
 from service.manifest import BatchProfile, ShapeProfile
 
 tensorrt = get_backend("tensorrt")

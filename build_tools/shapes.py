@@ -1,4 +1,4 @@
-"""Shape helpers shared by the backends that run fixed shape ranges (TensorRT, MagicMind)."""
+"""Shape helpers of the builders that compile fixed shape ranges (TensorRT, MagicMind): build time only."""
 
 from __future__ import annotations
 
