@@ -3,6 +3,17 @@
 Exporting the full R50-FPN Mask R-CNN takes about half a minute on 2 cores, so artifacts are cached
 under ``$MASKRCNN_TEST_CACHE`` (default ``~/.cache/maskrcnn-serve/tests``), keyed by a hash of the
 source files that produce them and the build parameters; any change to those files rebuilds.
+
+What tests share (import plain functions with ``from conftest import ...``):
+
+- fixtures: ``photos`` (a folder of real photographs), ``export_dir`` (the random-init export),
+  ``engine_dir`` / ``engine_dir_b2`` / ``engine_dir_mutable`` (ONNX Runtime fp32 artifacts of batch
+  1, fixed 2, mutable 1..4), ``reference_model`` (the eager model of ``export_dir``);
+- the same as functions, for tests that build their own variant: ``photo_dir``, ``cached_export``,
+  ``cached_artifact``, ``cached_mutable_export``, ``cached_mutable_artifact``;
+- ``cache_key(**params)`` and ``build_into(folder, build)``: how a test caches an artifact of its
+  own under ``CACHE`` (the key changes with ``PRODUCERS``, the build is renamed into place);
+- ``minimal_manifest`` (a valid manifest without a real model), ``openvino_has_bf16``, ``ROOT``.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ PRODUCERS = sorted(
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
 
 
-def _key(**params) -> str:
+def cache_key(**params) -> str:
+    """16 hex digits of ``params``, the torch version and every file of ``PRODUCERS``."""
     import torch
 
     digest = hashlib.sha256(repr(sorted(params.items())).encode() + torch.__version__.encode())
@@ -46,14 +58,14 @@ def cached_export(batch_size: int = 1, score_threshold: float = 0.0, seed: int =
     """Export folder (model.onnx + export.json) of the random-init mmdet-config model."""
     from build_tools.pipeline import export_step
 
-    folder = CACHE / f"export-b{batch_size}-s{score_threshold}-seed{seed}-{_key(b=batch_size, s=score_threshold, seed=seed)}"
+    folder = CACHE / f"export-b{batch_size}-s{score_threshold}-seed{seed}-{cache_key(b=batch_size, s=score_threshold, seed=seed)}"
     if not (folder / "export.json").is_file():
-        _build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=seed, batch_size=batch_size,
-                                                    score_threshold=score_threshold))
+        build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=seed, batch_size=batch_size,
+                                                   score_threshold=score_threshold))
     return folder
 
 
-def _build_into(folder: Path, build) -> None:
+def build_into(folder: Path, build) -> None:
     """Run ``build(tmp)`` in a private folder, then move it into place; concurrent test sessions
     (several pytest processes share the cache) each build privately and the first rename wins."""
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
@@ -72,7 +84,7 @@ def cached_artifact(batch_size: int = 1, precision: str = "fp32") -> Path:
     export_dir = cached_export(batch_size)
     folder = CACHE / f"artifact-b{batch_size}-{precision}-{export_dir.name.rsplit('-', 1)[1]}"
     if not (folder / "manifest.json").is_file():
-        _build_into(folder, lambda tmp: compile_step(
+        build_into(folder, lambda tmp: compile_step(
             export_dir, tmp, precision=precision, verify_images=photo_dir(), verify_count=1,
             calib_images=photo_dir() if precision == "int8" else None, calib_count=2,
             allow_parity_failure=precision != "fp32", progress=False))
@@ -127,10 +139,10 @@ def cached_mutable_export(max_batch: int = 4) -> Path:
     ``cached_export``) with a mutable batch of 1..``max_batch``."""
     from build_tools.pipeline import export_step
 
-    folder = CACHE / f"export-mut{max_batch}-s0.0-seed0-{_key(b=max_batch, s=0.0, seed=0, mutable=True)}"
+    folder = CACHE / f"export-mut{max_batch}-s0.0-seed0-{cache_key(b=max_batch, s=0.0, seed=0, mutable=True)}"
     if not (folder / "export.json").is_file():
-        _build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=0, batch_size=max_batch,
-                                                    shape_mutable=True, score_threshold=0.0))
+        build_into(folder, lambda tmp: export_step(tmp, None, random_init_seed=0, batch_size=max_batch,
+                                                   shape_mutable=True, score_threshold=0.0))
     return folder
 
 
@@ -141,8 +153,8 @@ def cached_mutable_artifact(max_batch: int = 4) -> Path:
     export_dir = cached_mutable_export(max_batch)
     folder = CACHE / f"artifact-mut{max_batch}-fp32-{export_dir.name.rsplit('-', 1)[1]}"
     if not (folder / "manifest.json").is_file():
-        _build_into(folder, lambda tmp: compile_step(export_dir, tmp, precision="fp32", run_verify=False,
-                                                     progress=False))
+        build_into(folder, lambda tmp: compile_step(export_dir, tmp, precision="fp32", run_verify=False,
+                                                    progress=False))
     return folder
 
 

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import CACHE, _build_into, _key, photo_dir
+from conftest import CACHE, build_into, cache_key, photo_dir
 from live_server import LiveServer, serving
 from service_images import encode, gradient
 
@@ -275,15 +275,15 @@ def _build_artifact(case: Case, checkpoint: Path, out: Path) -> None:
 def cached_backbone_artifact(case: Case) -> Path:
     """ONNX Runtime fp32 artifact of ``case``'s random-init mmdet checkpoint (kept beside it in the
     test cache: the artifact's eager reference reads it), built once per change of the producers."""
-    key = _key(case=case.name, arch=sorted(case.arch.items()), names=case.names, meta=repr(case.meta),
-               categories=repr(case.categories), scale=SMALL_SCALE)
+    key = cache_key(case=case.name, arch=sorted(case.arch.items()), names=case.names, meta=repr(case.meta),
+                    categories=repr(case.categories), scale=SMALL_SCALE)
     folder = CACHE / f"artifact-{case.name}-{key}"
     if not (folder / "manifest.json").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         checkpoint = CACHE / f"checkpoint-{case.name}-{key}.pth"
         if not checkpoint.is_file():
             _write_checkpoint(case, checkpoint)
-        _build_into(folder, lambda tmp: _build_artifact(case, checkpoint, tmp))
+        build_into(folder, lambda tmp: _build_artifact(case, checkpoint, tmp))
     return folder
 
 

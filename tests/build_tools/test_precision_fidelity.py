@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, ROOT, _build_into, _key, openvino_has_bf16
+from conftest import CACHE, ROOT, build_into, cache_key, openvino_has_bf16
 
 from build_tools.backend_choice import AP_BOUNDS
 from service.backends import get_backend
@@ -53,9 +53,9 @@ def rows(tmp_path_factory):
     from build_tools.checkpoint import sha256_of
     from build_tools.pipeline import export_step
 
-    export = CACHE / f"demo-export-b1-{sha256_of(DEMO)[:12]}-{_key(demo=True)}"
+    export = CACHE / f"demo-export-b1-{sha256_of(DEMO)[:12]}-{cache_key(demo=True)}"
     if not (export / "export.json").is_file():
-        _build_into(export, lambda tmp: export_step(tmp, str(DEMO)))
+        build_into(export, lambda tmp: export_step(tmp, str(DEMO)))
     cases = [c for c in CASES if _usable(*c) is None]
     out = tmp_path_factory.mktemp("fidelity") / "rows.json"
     bench = subprocess.run([

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CACHE, build_into, cache_key, photo_dir
+from live_server import serving
 from pycocotools import mask as mask_utils
 
 from build_tools.checkpoint import load_checkpoint
@@ -26,8 +28,6 @@ from build_tools.pipeline import compile_step, export_step
 from service.backends import load_engine
 from service.manifest import Manifest
 from service.settings import Settings
-from tests.conftest import CACHE, _build_into, _key, photo_dir
-from tests.live_server import serving
 
 SCALE = (512, 320)  # (long, short) edges: a few times cheaper than 1333x800, same code paths
 PHOTOS = ("astronaut.png", "coffee.png")  # square (uniform scale) and 600x400 (scales differ per axis)
@@ -64,7 +64,7 @@ def _torchvisions_own_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def torchvision_build() -> tuple[Path, Path]:
     """(checkpoint file, artifact folder), cached while the producers are unchanged."""
-    key = _key(case="torchvision-origin", scale=SCALE, seed=5)
+    key = cache_key(case="torchvision-origin", scale=SCALE, seed=5)
     checkpoint = CACHE / f"checkpoint-torchvision-origin-{key}.pth"
     artifact = CACHE / f"artifact-torchvision-origin-{key}"
     if not checkpoint.is_file():
@@ -80,7 +80,7 @@ def torchvision_build() -> tuple[Path, Path]:
                 photos.mkdir()
                 (photos / PHOTOS[1]).write_bytes((photo_dir() / PHOTOS[1]).read_bytes())
                 compile_step(export_dir, out, verify_images=photos, progress=False)
-        _build_into(artifact, build)
+        build_into(artifact, build)
     return checkpoint, artifact
 
 
