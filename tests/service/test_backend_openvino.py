@@ -1,6 +1,6 @@
-"""OpenVINO backend: what is OpenVINO's own beyond the contract (tests/build_tools/test_backends.py):
+"""OpenVINO runtime: what is OpenVINO's own beyond the contract (tests/service/test_backends.py):
 the same export compiled by both CPU backends agrees at the fp32 bar, and the service's OpenVINO
-settings reach the compiled model."""
+settings reach the compiled model. Its build flags are tests/build_tools/test_builder_openvino.py's."""
 
 from __future__ import annotations
 
@@ -55,12 +55,3 @@ def test_service_settings_reach_the_compiled_model(openvino_fp32):
     assert str(tuned.compiled.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
     assert int(tuned.compiled.get_property("NUM_STREAMS")) == 2
     assert tuned.threads == 2
-
-
-def test_bf16_roi_align_precision_is_a_build_flag(tmp_path):
-    from build_tools import cli
-
-    args = cli.parser().parse_args(["compile", str(tmp_path), "--out", str(tmp_path / "o"),
-                                    "--openvino-bf16-roi-align", "bf16"])
-    assert cli._backend_options(args) == {"openvino": {"roi_align_precision": "bf16"}}
-    assert cli._backend_options(cli.parser().parse_args(["compile", str(tmp_path), "--out", "o"])) == {}

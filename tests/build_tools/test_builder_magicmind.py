@@ -1,6 +1,7 @@
-"""MagicMind backend: what is MagicMind's own beyond the contract (tests/build_tools/test_backends.py):
+"""MagicMind build: what is MagicMind's own beyond the contract (tests/build_tools/test_builders.py):
 its refusal without the SDK, the builder-config and calibration logic (pure Python), and (on an MLU
-machine) an int8 build calibrated on photos."""
+machine) an int8 build calibrated on photos. Its registration and availability are
+tests/service/test_backend_magicmind.py's."""
 
 from __future__ import annotations
 
@@ -21,16 +22,6 @@ ok, reason = magicmind.available()
 needs_magicmind = pytest.mark.skipif(not ok, reason=reason)
 without_magicmind = pytest.mark.skipif(ok, reason="MagicMind and an MLU are present here")
 FIXED_B1 = {"images": (1, 3, -1, -1), "image_sizes": (1, 2)}
-
-
-def test_registered_with_its_precisions():
-    assert magicmind.NAME == "magicmind"
-    assert magicmind.PRECISIONS == ("fp32", "fp16", "int8")
-    assert build.MODEL_FILE == "model.mm"
-
-
-def test_availability_names_what_is_missing():
-    assert ok or "magicmind" in reason or "MLU" in reason
 
 
 @without_magicmind
