@@ -13,7 +13,9 @@ import json
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from build_tools.errors import BuildError
 from service.backends import (
@@ -37,6 +39,57 @@ ROW_FIELDS = ("backend", "precision", "median_s", "infer_median_s", "ratio_to_ea
               "skipped")
 # CPU features that decide which backend's kernels are fast (VNNI/AMX for int8, BF16/AMX for bf16).
 _CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+class Measurement(BaseModel):
+    """How a table was measured: ``quality`` (``full``, or ``smoke`` with ``quality_reasons``),
+    ``date``, ``cpu`` (:func:`cpu_facts`); a written table adds what the benchmark knows (command,
+    threads, input size, bounds applied, notes, rows: extra fields, kept as written)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    quality: str | None = None
+    date: str | None = None
+    cpu: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChoiceEntry(BaseModel):
+    """The backend chosen for one precision: the fastest within its AP bound, and the others
+    within it, fastest first (``ranking``), as fallbacks."""
+
+    backend: str
+    why: str = ""
+    ranking: list[str] = Field(default_factory=list)
+    ratio_to_eager: float | None = None
+    median_s: float | None = Field(None, description="seconds per request of the chosen backend")
+    ap_delta_points: dict[str, float | None] = Field(
+        default_factory=dict, description="box and mask AP points lost against eager fp32 (None: not measured)")
+    ap_measure: Literal["ground truth", "reference"] | None = None
+
+
+class Choices(BaseModel):
+    """:func:`choose_backends`' answer: the choice per precision and what was left out, and why."""
+
+    choice: dict[str, ChoiceEntry]
+    notes: list[str] = Field(default_factory=list)
+
+
+class ChoiceTable(BaseModel):
+    """``backend_choice.json``: the measurement and the choice per precision."""
+
+    measured: Measurement = Field(default_factory=Measurement)
+    choice: dict[str, ChoiceEntry]
+
+
+class ChoiceRecord(BaseModel):
+    """How ``--backend auto`` chose, as the manifest's ``tools.backend_choice`` keeps it."""
+
+    requested: Literal["auto"] = "auto"
+    chosen: str
+    why: str
+    table: str = Field(description="the table read")
+    measured: Measurement = Field(description="the table's quality, date and cpu")
+    same_cpu_kind: bool = Field(description="the table was measured on this kind of CPU (:func:`same_cpu_kind`)")
 
 
 def cpu_facts() -> dict[str, Any]:
@@ -77,7 +130,7 @@ def ap_deltas(row: Mapping[str, Any]) -> tuple[float | None, float | None]:
     return row.get("box_ap_delta_points"), row.get("mask_ap_delta_points")
 
 
-def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, float] = AP_BOUNDS) -> dict[str, Any]:
+def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, float] = AP_BOUNDS) -> Choices:
     """The backend choice per precision from measured rows.
 
     Args:
@@ -88,12 +141,11 @@ def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, f
             without AP) is chosen on speed alone. ``{}`` applies none (e.g. random weights).
 
     Returns:
-        ``{"choice": {precision: {"backend", "why", "ranking", "ratio_to_eager", "median_s",
-        "ap_delta_points": {"box", "mask"}, "ap_measure"}}, "notes": [what was left out and why]}``;
-        a precision whose every backend misses its bound has no entry.
+        the choice per precision (a precision whose every backend misses its bound has no entry)
+        and notes on what was left out and why.
     """
     precisions = list(dict.fromkeys(r["precision"] for r in rows if r.get("kind") == "engine" and r.get("precision")))
-    choice: dict[str, dict[str, Any]] = {}
+    choice: dict[str, ChoiceEntry] = {}
     notes: list[str] = []
     for precision in precisions:
         measured = [r for r in rows if r["precision"] == precision and r.get("median_s") is not None
@@ -117,10 +169,10 @@ def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, f
                 notes.append(f"{precision}: no backend within {bound} AP points; no choice written")
             continue
         choice[precision] = _entry(within, rejected)
-    return {"choice": choice, "notes": notes}
+    return Choices(choice=choice, notes=notes)
 
 
-def _entry(within: Sequence[Mapping[str, Any]], rejected: Sequence[str]) -> dict[str, Any]:
+def _entry(within: Sequence[Mapping[str, Any]], rejected: Sequence[str]) -> ChoiceEntry:
     """The choice of one precision: the fastest of ``within`` (sorted fastest first), and why."""
     def described(r: Mapping[str, Any]) -> str:
         box, mask = ap_deltas(r)
@@ -129,16 +181,16 @@ def _entry(within: Sequence[Mapping[str, Any]], rejected: Sequence[str]) -> dict
         return f"{r['backend']} {r['ratio_to_eager']:.2f}x eager ({r['median_s']:.3f} s/img{ap})"
 
     top = within[0]
-    return {
-        "backend": top["backend"],
-        "why": f"fastest: {'; '.join(described(r) for r in within)}"
-               + (f"; left out {', '.join(rejected)}" if rejected else ""),
-        "ranking": [r["backend"] for r in within],
-        "ratio_to_eager": top["ratio_to_eager"],
-        "median_s": top["median_s"],
-        "ap_delta_points": dict(zip(("box", "mask"), ap_deltas(top))),
-        "ap_measure": "ground truth" if top.get("gt_box_ap_delta_points") is not None else "reference",
-    }
+    return ChoiceEntry(
+        backend=top["backend"],
+        why=f"fastest: {'; '.join(described(r) for r in within)}"
+            + (f"; left out {', '.join(rejected)}" if rejected else ""),
+        ranking=[r["backend"] for r in within],
+        ratio_to_eager=top["ratio_to_eager"],
+        median_s=top["median_s"],
+        ap_delta_points=dict(zip(("box", "mask"), ap_deltas(top))),
+        ap_measure="ground truth" if top.get("gt_box_ap_delta_points") is not None else "reference",
+    )
 
 
 def write_backend_choice(
@@ -146,33 +198,33 @@ def write_backend_choice(
     rows: Sequence[Mapping[str, Any]],
     measured: Mapping[str, Any],
     ap_bounds: Mapping[str, float] = AP_BOUNDS,
-) -> dict[str, Any]:
+) -> ChoiceTable:
     """Choose from ``rows`` (:func:`choose_backends`) and write the table ``--backend auto`` reads.
 
     ``measured`` describes the measurement (``quality``, ``date``, ``command``, ``cpu`` from
     :func:`cpu_facts`, ...); the table adds the bounds applied, the notes and the rows' fields of
-    :data:`ROW_FIELDS`. Returns the table written: ``{"measured": {...}, "choice": {...}}``.
+    :data:`ROW_FIELDS`. Returns the table written.
     """
     chosen = choose_backends(rows, ap_bounds)
     precisions = dict.fromkeys(r["precision"] for r in rows if r.get("kind") == "engine" and r.get("precision"))
-    table = {
-        "measured": {
+    table = ChoiceTable(
+        measured=Measurement(
             **measured,
-            "ap_bounds_points": {k: ap_bounds[k] for k in precisions if k in ap_bounds},
-            "notes": chosen["notes"],
-            "rows": [{k: r.get(k) for k in ROW_FIELDS} for r in rows],
-        },
-        "choice": chosen["choice"],
-    }
-    Path(path).write_text(json.dumps(table, indent=2) + "\n")
+            ap_bounds_points={k: ap_bounds[k] for k in precisions if k in ap_bounds},
+            notes=chosen.notes,
+            rows=[{k: r.get(k) for k in ROW_FIELDS} for r in rows],
+        ),
+        choice=chosen.choice,
+    )
+    Path(path).write_text(json.dumps(table.model_dump(mode="json"), indent=2) + "\n")
     return table
 
 
-def load_backend_choice(path: str | Path | None = None) -> dict[str, Any]:
+def load_backend_choice(path: str | Path | None = None) -> ChoiceTable:
     """The table at ``path`` (default :data:`BACKEND_CHOICE`).
 
     Raises:
-        BuildError: it cannot be read or has no ``choice`` table.
+        BuildError: it cannot be read or has no valid ``choice`` table.
     """
     path = Path(path or BACKEND_CHOICE)
     try:
@@ -182,18 +234,22 @@ def load_backend_choice(path: str | Path | None = None) -> dict[str, Any]:
             f"--backend auto reads {path}, which cannot be read ({exc}); write it with "
             "`python -m scripts.bench.build --export DIR --write-choice PATH` or name a backend"
         ) from exc
-    if not isinstance(table.get("choice"), dict):
-        raise BuildError(f"{path} has no \"choice\" table; regenerate it with scripts/bench/build.py --write-choice")
-    return table
+    try:
+        return ChoiceTable.model_validate(table)
+    except ValidationError as exc:
+        raise BuildError(f"{path} has no valid \"choice\" table ({exc.error_count()} error(s): "
+                         f"{exc.errors()[0]['loc']} {exc.errors()[0]['msg']}); regenerate it with "
+                         "scripts/bench/build.py --write-choice") from exc
 
 
-def resolve_backend(requested: str, precision: str, table_path: str | Path | None = None) -> tuple[str, dict | None]:
+def resolve_backend(requested: str, precision: str,
+                    table_path: str | Path | None = None) -> tuple[str, ChoiceRecord | None]:
     """(backend name, resolution record or None) for ``requested``, which may be ``auto``.
 
     ``auto`` takes the table's choice for ``precision``; when that backend is not installed (or
     does not offer the precision) it falls back to the next one in the table's ranking, then in
-    the registry, that is available and offers it. The record (``requested``, ``chosen``, ``why``,
-    ``table``, ``measured``, ``same_cpu_kind``) goes into the manifest's ``tools.backend_choice``.
+    the registry, that is available and offers it. The record goes into the manifest's
+    ``tools.backend_choice``.
 
     Raises:
         BuildError: the table cannot be read, or no available backend offers ``precision``.
@@ -203,8 +259,8 @@ def resolve_backend(requested: str, precision: str, table_path: str | Path | Non
     precision = canonical_precision(precision)
     path = Path(table_path or BACKEND_CHOICE)
     table = load_backend_choice(path)
-    entry = table["choice"].get(precision)
-    order = [*([entry["backend"], *entry.get("ranking", [])] if entry else []), *backend_names()]
+    entry = table.choice.get(precision)
+    order = [*([entry.backend, *entry.ranking] if entry else []), *backend_names()]
     passed_over: list[str] = []
     chosen = None
     for name in dict.fromkeys(order):
@@ -224,21 +280,19 @@ def resolve_backend(requested: str, precision: str, table_path: str | Path | Non
         break
     if chosen is None:
         raise BuildError(f"--backend auto: no available backend offers {precision} ({'; '.join(passed_over)})")
-    if entry and chosen == entry["backend"]:
-        why = entry.get("why", "")
+    if entry and chosen == entry.backend:
+        why = entry.why
     elif entry:
-        why = (f"the table chose {entry['backend']} ({entry.get('why', '')}), but {'; '.join(passed_over)}: "
+        why = (f"the table chose {entry.backend} ({entry.why}), but {'; '.join(passed_over)}: "
                f"fell back to {chosen}, the next available backend offering {precision}")
     else:
         why = (f"{path.name} has no measurement for {precision}; {chosen} is the first available backend "
                f"offering it" + (f" ({'; '.join(passed_over)})" if passed_over else ""))
-    measured = table.get("measured", {})
-    record = {
-        "requested": AUTO_BACKEND,
-        "chosen": chosen,
-        "why": why,
-        "table": str(path),
-        "measured": {k: measured.get(k) for k in ("quality", "date", "cpu")},
-        "same_cpu_kind": same_cpu_kind(measured.get("cpu", {}), cpu_facts()),
-    }
-    return chosen, record
+    measured = table.measured
+    return chosen, ChoiceRecord(
+        chosen=chosen,
+        why=why,
+        table=str(path),
+        measured=Measurement(quality=measured.quality, date=measured.date, cpu=measured.cpu),
+        same_cpu_kind=same_cpu_kind(measured.cpu, cpu_facts()),
+    )

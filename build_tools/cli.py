@@ -258,11 +258,11 @@ def _build(args: argparse.Namespace, export_dir: Path) -> int:
         try:
             backend, choice = resolve_backend(args.backend, precision, args.backend_choice)
             out = Path(args.out) / f"{backend}-{precision}" if several else Path(args.out)
-            how = f" (--backend auto: {choice['why']})" if choice else ""
+            how = f" (--backend auto: {choice.why})" if choice else ""
             print(f"compiling for {backend} {precision}{how} -> {out} ...", file=sys.stderr)
-            if choice and not choice["same_cpu_kind"]:
-                print(f"maskrcnn-build: note: {choice['table']} was measured on another kind of CPU "
-                      f"({describe_cpu(choice['measured'].get('cpu'))}; this one: {describe_cpu(cpu_facts())}), so "
+            if choice and not choice.same_cpu_kind:
+                print(f"maskrcnn-build: note: {choice.table} was measured on another kind of CPU "
+                      f"({describe_cpu(choice.measured.cpu)}; this one: {describe_cpu(cpu_facts())}), so "
                       f"{backend} may not be the fastest here: remeasure with `python -m scripts.bench.build ... "
                       f"--write-choice FILE` and pass --backend-choice FILE", file=sys.stderr)
             manifest = _compile(args, export_dir, precision, out)

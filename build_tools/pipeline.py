@@ -222,7 +222,7 @@ def compile_step(
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-built is left behind
         raise
     manifest = build_manifest(info, backend, precision, model_file, facts)
-    manifest.tools.backend_choice = choice
+    manifest.tools.backend_choice = choice.model_dump() if choice else None
     if calib_paths:
         manifest.calibration = Calibration(images=len(calib_paths), sha256=image_set_hash(calib_paths),
                                            folder=str(calib_images))

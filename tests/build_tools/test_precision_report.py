@@ -51,14 +51,14 @@ def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
     assert resolve_backend("openvino", "fp32", table) == ("openvino", None)  # a named backend is taken as is
     name, record = resolve_backend("auto", "force_float32", table)
     assert name == "onnxruntime"
-    assert record["requested"] == "auto" and record["chosen"] == "onnxruntime"
-    assert record["why"] == "onnxruntime 0.61x eager < openvino 0.70x eager"
-    assert record["measured"]["quality"] == "test"
+    assert record.requested == "auto" and record.chosen == "onnxruntime"
+    assert record.why == "onnxruntime 0.61x eager < openvino 0.70x eager"
+    assert record.measured.quality == "test"
     if OPENVINO_OK:
         assert resolve_backend("auto", "bf16", table)[0] == "openvino"
     # a precision the table has no measurement for: the first available backend offering it
     name, record = resolve_backend("auto", "int8", table)
-    assert name == "onnxruntime" and "no measurement for int8" in record["why"]
+    assert name == "onnxruntime" and "no measurement for int8" in record.why
 
     code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "auto",
                      "--backend-choice", table, "--no-verify"])
@@ -103,7 +103,7 @@ def test_checked_in_backend_choice_table_is_honest_and_resolves():
         assert entry["backend"] in backend_names() and entry["why"]
         assert precision in get_backend(entry["backend"]).PRECISIONS
     name, record = resolve_backend("auto", "fp32")
-    assert name in backend_names() and record["requested"] == "auto"
+    assert name in backend_names() and record.requested == "auto"
 
 
 def test_choice_keeps_precisions_within_their_ap_bound():
@@ -119,11 +119,11 @@ def test_choice_keeps_precisions_within_their_ap_bound():
         {"kind": "engine", "backend": "openvino", "precision": "fp32", "median_s": 2.0, "ratio_to_eager": 0.6,
          "box_ap_delta_points": None, "mask_ap_delta_points": None},
     ]
-    choice = choose_backends(rows)["choice"]
-    assert choice["int8"]["backend"] == "onnxruntime" and "openvino (AP delta box 1.60" in choice["int8"]["why"]
-    assert choice["fp32"]["backend"] == "openvino" and choice["fp32"]["ranking"] == ["openvino", "onnxruntime"]
-    assert "0.60x eager" in choice["fp32"]["why"]
-    assert choose_backends(rows, ap_bounds={})["choice"]["int8"]["backend"] == "openvino"
+    choice = choose_backends(rows).choice
+    assert choice["int8"].backend == "onnxruntime" and "openvino (AP delta box 1.60" in choice["int8"].why
+    assert choice["fp32"].backend == "openvino" and choice["fp32"].ranking == ["openvino", "onnxruntime"]
+    assert "0.60x eager" in choice["fp32"].why
+    assert choose_backends(rows, ap_bounds={}).choice["int8"].backend == "openvino"
 
 
 @pytest.mark.skipif(not openvino_has_bf16(), reason="needs openvino on a CPU with bf16")
