@@ -15,6 +15,14 @@ import numpy as np
 PERCENTILES = (50, 90, 99)
 
 Key = TypeVar("Key", bound=Hashable)
+Result = TypeVar("Result")
+
+
+def timed(call: Callable[..., Result], *args: Any) -> tuple[Result, float]:
+    """``call(*args)`` and its wall seconds (``time.perf_counter``)."""
+    started = time.perf_counter()
+    result = call(*args)
+    return result, time.perf_counter() - started
 
 
 def time_calls(runners: Mapping[Key, Callable[[], Any]], iterations: int, warmup: int = 0, *,
@@ -30,10 +38,9 @@ def time_calls(runners: Mapping[Key, Callable[[], Any]], iterations: int, warmup
     seconds: dict[Key, list[float]] = {key: [] for key in order}
     for index in range(warmup + iterations):
         for key in reversed(order) if alternate and index % 2 else order:
-            started = time.perf_counter()
-            runners[key]()
+            _, elapsed = timed(runners[key])
             if index >= warmup:
-                seconds[key].append(time.perf_counter() - started)
+                seconds[key].append(elapsed)
     return seconds
 
 

@@ -32,7 +32,6 @@ import contextlib
 import io
 import math
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,9 +50,10 @@ from build_tools.reference import (
     eager_infer,
     torch_threads,
 )
+from build_tools.timing import timed
 from service.backends import Engine, load_engine
 from service.backends.base import cpu_cores
-from service.manifest import Manifest, ParityReport
+from service.manifest import APDelta, Manifest, ParityReport, ParityTiming, ReferenceRecord
 from service.postprocess import ImageDetections, PasteRule, postprocess_image
 from service.preprocess import InputSpec, PreparedImage, pad_batch, prepare_image
 
@@ -88,12 +88,15 @@ def batches(prepared: Sequence[PreparedImage], batch_size: int, divisor: int):
         yield chunk, images, sizes
 
 
-def to_detections(outputs: dict[str, np.ndarray], i: int, item: PreparedImage, mask_threshold: float,
-                  paste: PasteRule = "mmdet") -> ImageDetections:
-    return postprocess_image(
-        outputs["dets"][i], outputs["labels"][i], outputs["masks"][i], item.scale_factor, item.orig_hw,
-        score_threshold=0.0, mask_threshold=mask_threshold, paste=paste,
-    )
+def to_detections(outputs: dict[str, np.ndarray], chunk: Sequence[PreparedImage], mask_threshold: float,
+                  paste: PasteRule = "mmdet") -> list[ImageDetections]:
+    """The host postprocess of each image of a batch: ``outputs`` of the engine on ``chunk`` (its
+    prepared images, in order), every detection kept (score threshold 0)."""
+    return [
+        postprocess_image(outputs["dets"][i], outputs["labels"][i], outputs["masks"][i], item.scale_factor,
+                          item.orig_hw, score_threshold=0.0, mask_threshold=mask_threshold, paste=paste)
+        for i, item in enumerate(chunk)
+    ]
 
 
 def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -215,13 +218,11 @@ def run_detections(
     detections: list[ImageDetections] = []
     times: dict[str, list[float]] = {"infer": [], "postprocess": []}
     for chunk, images, sizes in chunks:
-        t0 = time.perf_counter()
-        out = infer(images, sizes)
-        t1 = time.perf_counter()
-        detections.extend(to_detections(out, i, item, mask_threshold, paste) for i, item in enumerate(chunk))
-        t2 = time.perf_counter()
-        times["infer"].append((t1 - t0) / len(chunk))
-        times["postprocess"].append((t2 - t1) / len(chunk))
+        out, infer_s = timed(infer, images, sizes)
+        batch_detections, postprocess_s = timed(to_detections, out, chunk, mask_threshold, paste)
+        detections.extend(batch_detections)
+        times["infer"].append(infer_s / len(chunk))
+        times["postprocess"].append(postprocess_s / len(chunk))
         if progress is not None:
             progress.update(len(chunk))
     return detections, times
@@ -235,12 +236,16 @@ def run_reference(reference: OriginReference, rgbs: Sequence[np.ndarray], *, war
         reference.detect(rgbs[0])
     detections, times = [], []
     for rgb in rgbs:
-        t0 = time.perf_counter()
-        detections.append(reference.detect(rgb))
-        times.append(time.perf_counter() - t0)
+        detection, seconds = timed(reference.detect, rgb)
+        detections.append(detection)
+        times.append(seconds)
         if progress is not None:
             progress.update(1)
     return detections, {"infer": times}
+
+
+def _nan_for_none(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -267,8 +272,9 @@ def verify(
     progress: bool = True,
     threads: int | None = None,
     warmup: int | None = None,
-) -> dict:
-    """Run reference and engine on ``image_paths``; return the parity report (a JSON-able dict).
+) -> ParityReport:
+    """Run reference and engine on ``image_paths``; return the parity report (its tolerance
+    fields left at their defaults: :func:`verify_artifact` judges it).
 
     ``reference``: an origin reference (``build_tools.origin``), run on each decoded image, or a
     bare model, run on the engine's prepared inputs. It runs with ``threads`` torch threads
@@ -276,12 +282,11 @@ def verify(
     batches precede each side's timed pass (default: one when there are fewer than 3 batches,
     none otherwise, as the median of 3 or more already discounts a slow first call)."""
     rgbs = [read_rgb(p) for p in image_paths]
-    prepare_t: list[float] = []
-    prepared = []
+    prepared, prepare_t = [], []
     for rgb in rgbs:
-        t0 = time.perf_counter()
-        prepared.append(prepare_image(rgb, spec))
-        prepare_t.append(time.perf_counter() - t0)
+        item, seconds = timed(prepare_image, rgb, spec)
+        prepared.append(item)
+        prepare_t.append(seconds)
     batch_size = engine.batch_size or 1
     if warmup is None:
         warmup = 1 if -(-len(prepared) // batch_size) < 3 else 0
@@ -290,10 +295,11 @@ def verify(
               "paste": engine.manifest.postprocess.paste,
               "warmup": warmup}
     bar = tqdm(total=2 * len(prepared), desc="verify (reference, engine)", unit="img", disable=not progress)
-    record = {"name": "maskrcnn-serve", "detail": "this project's eager model on the engine's prepared inputs"}
+    record = ReferenceRecord(name="maskrcnn-serve",
+                             detail="this project's eager model on the engine's prepared inputs")
     if isinstance(reference, OriginReference) and not reference.is_origin:
         # this project's own eager model: run on the engine's prepared inputs, graph against graph
-        record, reference = reference.record(), reference.loaded.model
+        record, reference = ReferenceRecord(**reference.record()), reference.loaded.model
     whole_image = isinstance(reference, OriginReference)
     with torch_threads(threads):
         if whole_image:
@@ -306,7 +312,7 @@ def verify(
         per_batch_prepare = [sum(prepare_t[i:i + batch_size]) / len(prepare_t[i:i + batch_size])
                              for i in range(0, len(prepare_t), batch_size)]
         engine_whole = [a + b + c for a, b, c in zip(per_batch_prepare, engine_t["infer"], engine_t["postprocess"])]
-        record = reference.record()
+        record = ReferenceRecord(**reference.record())
 
     comparisons = [compare_image(r, e) for r, e in zip(refs, engs)]
     total = sum(c.reference_count for c in comparisons)
@@ -316,44 +322,45 @@ def verify(
     eager_s = _median(eager_t["infer"])
     engine_s = _median(engine_whole if whole_image else engine_t["infer"])
     n = max(len(eager_t["infer"]), 1)
-    report = {
-        "reference": record,
-        "images": [str(Path(p).name) for p in image_paths],
-        "reference_detections": total,
-        "engine_detections": int(sum(len(e.labels) for e in engs)),
-        "box_match_rate": (sum(c.matched_high_iou for c in comparisons) / total) if total else 1.0,
-        "label_agreement": (sum(c.label_agree for c in comparisons) / total) if total else 1.0,
-        "score_abs_diff_mean": float(np.mean(scores)) if scores else 0.0,
-        "score_abs_diff_max": float(np.max(scores)) if scores else 0.0,
-        "mask_iou_mean": float(np.mean(ious)) if ious else 1.0,
-        "mask_iou_min": float(np.min(ious)) if ious else 1.0,
+    return ParityReport(
+        reference=record,
+        images=[str(Path(p).name) for p in image_paths],
+        reference_detections=total,
+        engine_detections=int(sum(len(e.labels) for e in engs)),
+        box_match_rate=(sum(c.matched_high_iou for c in comparisons) / total) if total else 1.0,
+        label_agreement=(sum(c.label_agree for c in comparisons) / total) if total else 1.0,
+        score_abs_diff_mean=float(np.mean(scores)) if scores else 0.0,
+        score_abs_diff_max=float(np.max(scores)) if scores else 0.0,
+        mask_iou_mean=float(np.mean(ious)) if ious else 1.0,
+        mask_iou_min=float(np.min(ious)) if ious else 1.0,
         **ap,
-        "ap_delta_points": ap_delta_points(ap),
-        # means over the timed batches (kept for older readers; ``timing`` holds the medians)
-        "eager_seconds_per_image": float(sum(eager_t["infer"]) / n),
-        "engine_seconds_per_image": float(sum(engine_t["infer"]) / n),
-        "timing": {
-            "eager_s_per_image": eager_s,
-            "engine_s_per_image": engine_s,
-            "engine_postprocess_s_per_image": _median(engine_t["postprocess"]),
-            "engine_with_postprocess_s_per_image": _median(engine_whole) if whole_image else _median(
+        ap_delta_points=APDelta(**ap_delta_points(ap)),
+        # means over the timed batches, which the manifest's parity section requires; ``timing``
+        # holds the medians that the build CLI reports
+        eager_seconds_per_image=float(sum(eager_t["infer"]) / n),
+        engine_seconds_per_image=float(sum(engine_t["infer"]) / n),
+        timing=ParityTiming(
+            eager_s_per_image=eager_s,
+            engine_s_per_image=engine_s,
+            engine_postprocess_s_per_image=_median(engine_t["postprocess"]),
+            engine_with_postprocess_s_per_image=_median(engine_whole) if whole_image else _median(
                 [a + b for a, b in zip(engine_t["infer"], engine_t["postprocess"])]),
-            "ratio_to_eager": engine_s / eager_s if eager_s > 0 else float("nan"),
-            "images": len(prepared),
-            "batch_size": batch_size,
-            "threads": threads,
-            "warmup_batches": warmup,
-            "statistic": ("median per image over the verify images (few, of varied sizes); whole-image times: "
-                          "the reference's own call, the engine's preprocess + infer + postprocess") if whole_image
-                         else ("median per image over the verify images (few, of varied sizes); eager PyTorch and "
-                               "engine on the same prepared inputs, engine = infer only unless named otherwise"),
-        },
-    }
-    return report
+            ratio_to_eager=engine_s / eager_s if eager_s > 0 else float("nan"),
+            images=len(prepared),
+            batch_size=batch_size,
+            threads=threads,
+            warmup_batches=warmup,
+            statistic=("median per image over the verify images (few, of varied sizes); whole-image times: "
+                       "the reference's own call, the engine's preprocess + infer + postprocess") if whole_image
+                      else ("median per image over the verify images (few, of varied sizes); eager PyTorch and "
+                            "engine on the same prepared inputs, engine = infer only unless named otherwise"),
+        ),
+    )
 
 
-def check_tolerance(report: dict, tolerance: Tolerance) -> list[str]:
-    """Human-readable failures of ``report`` against ``tolerance`` (empty when it passes)."""
+def check_tolerance(report: ParityReport, tolerance: Tolerance) -> list[str]:
+    """Human-readable failures of ``report`` against ``tolerance`` (empty when it passes; an AP the
+    reference left undefined, None in the report, fails as ``nan``)."""
     checks = [
         ("box_match_rate", tolerance.min_box_match_rate),
         ("label_agreement", tolerance.min_label_agreement),
@@ -361,7 +368,8 @@ def check_tolerance(report: dict, tolerance: Tolerance) -> list[str]:
         ("box_ap", tolerance.min_box_ap),
         ("mask_ap", tolerance.min_mask_ap),
     ]
-    return [f"{name} {report[name]:.4f} < {minimum}" for name, minimum in checks if not report[name] >= minimum]
+    values = {name: _nan_for_none(getattr(report, name)) for name, _ in checks}
+    return [f"{name} {values[name]:.4f} < {minimum}" for name, minimum in checks if not values[name] >= minimum]
 
 
 def verify_artifact(
@@ -400,4 +408,4 @@ def verify_artifact(
                     mask_threshold=manifest.postprocess.mask_threshold, progress=progress, threads=threads)
     tolerance = tolerance or Tolerance.for_precision(manifest.precision)
     failures = check_tolerance(report, tolerance)
-    return ParityReport(**report, tolerance=asdict(tolerance), passed=not failures, failures=failures)
+    return report.model_copy(update={"tolerance": asdict(tolerance), "passed": not failures, "failures": failures})

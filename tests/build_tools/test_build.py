@@ -31,13 +31,13 @@ def test_fp32_engine_matches_eager_on_photographs_of_several_sizes(engine_dir, r
     assert len(sizes) >= 4, sizes  # several distinct input shapes through the dynamic H/W graph
 
     report = verify(reference_model, engine, paths, spec, progress=False)
-    assert report["reference_detections"] == 100 * len(paths)
-    assert report["engine_detections"] == 100 * len(paths)
-    assert report["box_match_rate"] >= 0.99
-    assert report["label_agreement"] >= 0.99
-    assert report["mask_iou_mean"] >= 0.98
-    assert report["score_abs_diff_max"] < 1e-3
-    assert report["box_ap"] >= 0.98 and report["mask_ap"] >= 0.95
+    assert report.reference_detections == 100 * len(paths)
+    assert report.engine_detections == 100 * len(paths)
+    assert report.box_match_rate >= 0.99
+    assert report.label_agreement >= 0.99
+    assert report.mask_iou_mean >= 0.98
+    assert report.score_abs_diff_max < 1e-3
+    assert report.box_ap >= 0.98 and report.mask_ap >= 0.95
     assert not check_tolerance(report, Tolerance.for_precision("fp32"))
 
 
@@ -51,8 +51,8 @@ def test_fixed_batch_of_two_matches_eager_batch(engine_dir_b2, reference_model, 
     assert engine.batch_size == 2
     paths = list_images(photos)[:2]  # two different sizes padded into one batch
     report = verify(reference_model, engine, paths, engine.manifest.input.spec, progress=False)
-    assert report["reference_detections"] == 200
-    assert report["box_match_rate"] >= 0.99 and report["label_agreement"] >= 0.99
+    assert report.reference_detections == 200
+    assert report.box_match_rate >= 0.99 and report.label_agreement >= 0.99
 
 
 def test_outputs_follow_the_padding_contract(engine_dir, photos):

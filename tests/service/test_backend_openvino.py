@@ -41,7 +41,7 @@ def test_openvino_fp32_matches_onnxruntime_fp32(openvino_fp32, engine_dir, photo
     assert reference.manifest.backend == "onnxruntime" and reference.manifest.precision == "fp32"
     paths = list_images(photos)[:3]
     report = verify(EngineAsReference(reference), engine, paths, engine.manifest.input.spec, progress=False)
-    assert report["reference_detections"] == 100 * len(paths)
+    assert report.reference_detections == 100 * len(paths)
     assert not check_tolerance(report, Tolerance.for_precision("fp32")), report
 
 

@@ -45,7 +45,7 @@ def test_tensorrt_fp32_matches_onnxruntime(export_dir, engine_dir, photos, tmp_p
     # the photos differ in aspect ratio: input shapes change between calls, buffers grow and are reused
     paths = list_images(photos)
     report = verify(EngineAsReference(reference), engine, paths, manifest.input.spec, progress=False)
-    assert report["reference_detections"] == 100 * len(paths)
+    assert report.reference_detections == 100 * len(paths)
     assert not check_tolerance(report, Tolerance.for_precision("fp32")), report
     out = engine.infer(np.zeros((1, 3, 800, 1216), np.float32), np.array([[800, 1216]], np.int64))
     assert {k: (v.dtype, v.shape) for k, v in out.items()} == {

@@ -95,7 +95,7 @@ def test_fp32_compiles_loads_and_matches_eager(name, export_dir, reference_model
 
     paths = list_images(photos)[1:3]
     report = verify(reference_model, engine, paths, manifest.input.spec, progress=False)
-    assert report["reference_detections"] == 100 * len(paths)
+    assert report.reference_detections == 100 * len(paths)
     assert not check_tolerance(report, Tolerance.for_precision("fp32")), report
 
 

@@ -110,9 +110,9 @@ def test_a_batch_of_3_matches_eager_pytorch_at_fp32_tolerance(engine, photo_path
     reference = reference_for_manifest(manifest)
     spec = replace(manifest.input.spec, resize_scale=(667, 400))
     report = verify(reference.model, _BatchOf(engine, 3), photo_paths, spec, progress=False)
-    assert report["reference_detections"] == 300 and report["engine_detections"] == 300
-    assert report["box_match_rate"] >= 0.99 and report["label_agreement"] >= 0.99
-    assert report["score_abs_diff_max"] < 1e-3
+    assert report.reference_detections == 300 and report.engine_detections == 300
+    assert report.box_match_rate >= 0.99 and report.label_agreement >= 0.99
+    assert report.score_abs_diff_max < 1e-3
     assert not check_tolerance(report, Tolerance.for_precision("fp32")), report
 
 
