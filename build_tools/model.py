@@ -22,9 +22,10 @@ The inference path has no per-image Python loop, so one traced graph serves any 
 candidates of all images are processed together with an image index (one anchor set broadcast over
 the batch, per-image sizes for clipping, one NMS with the image as ONNX NonMaxSuppression's batch
 dimension, per-image top-k as a rank within the image, RoIs in ``[K, 5]`` format), and the final
-detections are scattered into the padded ``[B, N, ...]`` outputs at ``image * N + rank``. It
-computes exactly what the earlier per-image loops did (same candidates, same order, same NMS
-inputs), in eager PyTorch and in the exported graph.
+detections are scattered into the padded ``[B, N, ...]`` outputs at ``image * N + rank``. Each
+image gets exactly what running it alone would give (same candidates, same order, same NMS
+inputs), in eager PyTorch and in the exported graph, so an image's detections do not depend on
+the batch it is served in.
 
 Training (the demo trainer) uses the torchvision sub-modules' own training paths:
 ``model.backbone``, ``model.rpn(ImageList, features, targets)`` and
@@ -243,7 +244,7 @@ def nms_per_image(
     kept candidates, at most ``max_per_image`` per image, each image's in decreasing score order.
 
     Within an image this is exactly torchvision's ``batched_nms`` of its valid candidates (eager:
-    the call itself, which picks per-group NMS or the coordinate offset trick by size, as before;
+    the call itself, per image, which picks per-group NMS or the coordinate offset trick by size;
     exported: the offset trick that torchvision's traced ``batched_nms`` uses, with each image's own
     maximum coordinate). The image is ONNX NonMaxSuppression's batch dimension rather than part of
     the offset, so the offsets, hence the float rounding of the IoUs, do not grow with the batch and
