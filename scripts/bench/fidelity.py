@@ -36,13 +36,21 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import httpx
 import numpy as np
 from pycocotools.coco import COCO
+
+from build_tools.timing import timed
+
+if TYPE_CHECKING:
+    from build_tools.origin import OriginReference
+    from scripts.tools.eval_replay import Dataset
 
 DEFAULT_VARIANTS = "onnxruntime:fp32,openvino:fp32,openvino:bf16,onnxruntime:int8,openvino:int8"
 GOALS = {"fp32": (0.1, None), "bf16": (0.3, 0.30), "int8": (1.0, 0.18)}  # AP lost (points), time vs eager
@@ -121,12 +129,13 @@ def served_results(url: str, dataset, progress_path: Path, desc: str) -> list[di
 
 
 def time_served(url: str, jpeg: bytes, calls: int) -> tuple[list[float], int]:
+    """Seconds of ``calls`` round trips of ``jpeg`` to ``/predict`` after one untimed warm-up (the
+    request alone: its answer is checked after the clock stops), and the last answer's detections."""
     times, detections = [], 0
     with httpx.Client(timeout=600) as client:
+        post = partial(client.post, url + "/predict", content=jpeg, headers={"Content-Type": "image/jpeg"})
         for i in range(calls + 1):
-            t0 = time.perf_counter()
-            answer = client.post(url + "/predict", content=jpeg, headers={"Content-Type": "image/jpeg"})
-            elapsed = time.perf_counter() - t0
+            answer, elapsed = timed(post)
             answer.raise_for_status()
             detections = len(answer.json()["detections"])
             if i:
@@ -134,7 +143,19 @@ def time_served(url: str, jpeg: bytes, calls: int) -> tuple[list[float], int]:
     return times, detections
 
 
-def main(argv: list[str] | None = None) -> int:
+def time_reference(reference: OriginReference, rgb: np.ndarray, calls: int) -> tuple[list[float], int]:
+    """Seconds of ``calls`` whole calls of ``reference`` on ``rgb`` after
+    one untimed warm-up, and the last call's detections."""
+    reference.detect(rgb)
+    times, detections = [], 0
+    for _ in range(calls):
+        found, elapsed = timed(reference.detect, rgb)
+        detections = len(found.labels)
+        times.append(elapsed)
+    return times, detections
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.fidelity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=".cache/demo/demo_mask_rcnn.pth", help="checkpoint (default: the demo model)")
     parser.add_argument("--data", type=Path, default=Path(".cache/demo/data"), help="COCO-layout dataset folder")
@@ -155,97 +176,120 @@ def main(argv: list[str] | None = None) -> int:
                         help="reuse the reference's detections from an earlier run on the same checkpoint, split and "
                              "image count (in --work) instead of running the reference again")
     parser.add_argument("--json", type=Path, default=None, help="write the table and run facts as JSON here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    from build_tools.backend_choice import cpu_facts, describe_cpu
-    from build_tools.checkpoint import sha256_of
-    from build_tools.coco_eval import ap_difference, evaluate, load_coco
-    from build_tools.errors import BuildError
-    from build_tools.export import read_export_info
-    from build_tools.origin import origin_reference
-    from build_tools.pipeline import compile_step, export_step
-    from scripts.tools.eager import EagerModel, write_eager_results
+@dataclass
+class Split:
+    """The scored split: its COCO ground truth and the images taken (``--limit``)."""
+
+    coco: COCO
+    image_ids: list[int]
+    images: list[dict]  # the COCO image entries of image_ids
+    dataset: Dataset  # what the served engines are sent
+
+
+def load_split(args: argparse.Namespace) -> Split:
+    from build_tools.coco_eval import load_coco
     from scripts.tools.eval_replay import Dataset
-    from scripts.tools.service_process import running_service
-    from service.backends.base import UnsupportedPrecision
-    from service.manifest import Manifest
-    from service.settings import Settings
 
-    torch.set_num_threads(args.threads)
-    coco = load_coco(args.data / "annotations" / f"instances_{args.split}.json")
-    image_dir = args.data / args.split
+    annotations = args.data / "annotations" / f"instances_{args.split}.json"
+    coco = load_coco(annotations)
     image_ids = sorted(coco.getImgIds())[:args.limit] if args.limit else sorted(coco.getImgIds())
-    images = [coco.imgs[i] for i in image_ids]
-    dataset = Dataset(args.data / "annotations" / f"instances_{args.split}.json", image_dir, coco, image_ids)
-    started = time.perf_counter()
+    return Split(coco, image_ids, [coco.imgs[i] for i in image_ids],
+                 Dataset(annotations, args.data / args.split, coco, image_ids))
+
+
+def exported(args: argparse.Namespace) -> tuple[str, Path]:
+    """The checkpoint's sha256 and its export folder in ``--work`` (exported unless there)."""
+    from build_tools.checkpoint import sha256_of
+    from build_tools.pipeline import export_step
 
     sha = sha256_of(args.checkpoint)
     export_dir = args.work / f"export-{sha[:12]}"
     if not (export_dir / "export.json").is_file():
         export_step(export_dir, str(args.checkpoint))
-    info = read_export_info(export_dir)
+    return sha, export_dir
 
-    reference = origin_reference(info.checkpoint, asdict(info.inference_config), info.classes, prefer=args.reference)
-    ids = tuple(c.id for c in sorted(info.classes, key=lambda c: c.index))
-    print(f"reference: {reference.name} ({reference.detail})")
-    reference_json = args.work / f"reference-{reference.name}-{sha[:12]}-{args.split}-{len(image_ids)}.json"
-    if args.reuse_reference and reference_json.is_file():
-        print(f"reference detections reused from {reference_json}")
+
+def reference_results(args: argparse.Namespace, reference: OriginReference, classes, split: Split,
+                      sha: str) -> list[dict]:
+    """The reference's COCO results on the split, from ``--work`` with ``--reuse-reference``."""
+    from scripts.tools.eager import EagerModel, write_eager_results
+
+    ids = tuple(c.id for c in sorted(classes, key=lambda c: c.index))
+    path = args.work / f"reference-{reference.name}-{sha[:12]}-{args.split}-{len(split.image_ids)}.json"
+    if args.reuse_reference and path.is_file():
+        print(f"reference detections reused from {path}")
     else:
-        write_eager_results(EagerModel(reference, ids), coco, image_dir, image_ids, reference_json)
-    reference_results = json.loads(reference_json.read_text())
-    reference_ap = evaluate(coco, reference_results, image_ids)
+        write_eager_results(EagerModel(reference, ids), split.coco, args.data / args.split, split.image_ids, path)
+    return json.loads(path.read_text())
 
-    rgb, jpeg = timing_scene(args.timing_objects)
-    reference.detect(rgb)
-    reference_times = []
-    for _ in range(args.timing_calls):
-        t0 = time.perf_counter()
-        reference_detections = len(reference.detect(rgb).labels)
-        reference_times.append(time.perf_counter() - t0)
-    reference_s = statistics.median(reference_times)
-    rows = [{"backend": reference.name, "precision": "fp32 (eager)", "options": {}, "box_ap": reference_ap["bbox"]["AP"],
-             "mask_ap": reference_ap["segm"]["AP"], "box_lost": 0.0, "mask_lost": 0.0,
-             "box_lost_95": [0.0, 0.0], "mask_lost_95": [0.0, 0.0], "box_agreement": 1.0,
-             "mask_agreement": 1.0, "seconds": reference_s, "vs_eager": 1.0, "detections": reference_detections}]
 
-    calib = args.calib_images or args.data / "train"
-    for backend, precision, options in args.variants:
-        suffix = "".join(f"-{k}-{v}" for k, v in sorted(options.items()))
-        artifact = export_dir.with_name(f"{export_dir.name}-{backend}-{precision}{suffix}")
-        if not (artifact / "manifest.json").is_file():
-            try:
-                compile_step(export_dir, artifact, backend=backend, precision=precision, threads=args.threads,
-                             calib_images=calib if precision == "int8" else None, calib_count=args.calib_count,
-                             run_verify=False, backend_options={backend: options} if options else None)
-            except (BuildError, UnsupportedPrecision) as exc:  # not buildable here (backend or CPU): say so, go on
-                print(f"{backend} {precision}: skipped: {exc}", flush=True)
-                rows.append({"backend": backend, "precision": precision, "options": options, "skipped": str(exc)})
-                continue
-        manifest = Manifest.load(artifact)
-        settings = Settings(engine_dir=artifact, threads=args.threads, max_wait_ms=0)
-        with running_service(artifact, settings, concurrency=1) as url:
-            results = served_results(url, dataset, artifact / "fidelity.progress.jsonl", f"{backend} {precision}")
-            served_times, served_detections = time_served(url, jpeg, args.timing_calls)
-        ap = evaluate(coco, results, image_ids)
-        lost = ap_difference(coco, reference_results, results, image_ids, samples=args.bootstrap_samples)
-        agreement = ap_against(reference_results, results, images, image_ids)
-        served_s = statistics.median(served_times)
-        rows.append({"backend": backend, "precision": manifest.precision, "options": options, "box_ap": ap["bbox"]["AP"],
-                     "mask_ap": ap["segm"]["AP"],
-                     "box_lost": lost["bbox"]["lost"], "mask_lost": lost["segm"]["lost"],
-                     "box_lost_95": [lost["bbox"]["low"], lost["bbox"]["high"]],
-                     "mask_lost_95": [lost["segm"]["low"], lost["segm"]["high"]],
-                     "box_agreement": agreement["bbox"]["AP"], "mask_agreement": agreement["segm"]["AP"],
-                     "seconds": served_s, "vs_eager": served_s / reference_s, "detections": served_detections,
-                     "calibration": manifest.calibration.model_dump() if manifest.calibration else None})
+def reference_row(reference: OriginReference, results: list[dict], split: Split, times: list[float],
+                  detections: int) -> dict:
+    """The reference's row: its ground-truth AP, nothing lost, agreement 1 by definition."""
+    from build_tools.coco_eval import evaluate
 
-    cpu = cpu_facts()
-    print(f"\n{len(image_ids)} images of {args.data}/{args.split}; reference {reference.name}; "
+    ap = evaluate(split.coco, results, split.image_ids)
+    return {"backend": reference.name, "precision": "fp32 (eager)", "options": {}, "box_ap": ap["bbox"]["AP"],
+            "mask_ap": ap["segm"]["AP"], "box_lost": 0.0, "mask_lost": 0.0,
+            "box_lost_95": [0.0, 0.0], "mask_lost_95": [0.0, 0.0], "box_agreement": 1.0,
+            "mask_agreement": 1.0, "seconds": statistics.median(times), "vs_eager": 1.0, "detections": detections}
+
+
+def compiled_variant(args: argparse.Namespace, export_dir: Path, backend: str, precision: str,
+                     options: dict[str, str]) -> Path:
+    """The engine artifact of one variant next to the export (compiled, unverified, unless there).
+
+    Raises:
+        BuildError, UnsupportedPrecision: not buildable here (backend or CPU).
+    """
+    from build_tools.pipeline import compile_step
+
+    suffix = "".join(f"-{k}-{v}" for k, v in sorted(options.items()))
+    artifact = export_dir.with_name(f"{export_dir.name}-{backend}-{precision}{suffix}")
+    if not (artifact / "manifest.json").is_file():
+        calib = args.calib_images or args.data / "train"
+        compile_step(export_dir, artifact, backend=backend, precision=precision, threads=args.threads,
+                     calib_images=calib if precision == "int8" else None, calib_count=args.calib_count,
+                     run_verify=False, backend_options={backend: options} if options else None)
+    return artifact
+
+
+def served_row(args: argparse.Namespace, artifact: Path, variant: tuple[str, str, dict[str, str]], split: Split,
+               reference: list[dict], reference_s: float, jpeg: bytes) -> dict:
+    """One engine served on loopback: its AP on the split, AP lost against the reference (with the
+    bootstrap interval), agreement with the reference's detections, and its round-trip time."""
+    from build_tools.coco_eval import ap_difference, evaluate
+    from scripts.tools.service_process import running_service
+    from service.manifest import Manifest
+    from service.settings import Settings
+
+    backend, precision, options = variant
+    manifest = Manifest.load(artifact)
+    settings = Settings(engine_dir=artifact, threads=args.threads, max_wait_ms=0)
+    with running_service(artifact, settings, concurrency=1) as url:
+        results = served_results(url, split.dataset, artifact / "fidelity.progress.jsonl", f"{backend} {precision}")
+        served_times, served_detections = time_served(url, jpeg, args.timing_calls)
+    ap = evaluate(split.coco, results, split.image_ids)
+    lost = ap_difference(split.coco, reference, results, split.image_ids, samples=args.bootstrap_samples)
+    agreement = ap_against(reference, results, split.images, split.image_ids)
+    served_s = statistics.median(served_times)
+    return {"backend": backend, "precision": manifest.precision, "options": options, "box_ap": ap["bbox"]["AP"],
+            "mask_ap": ap["segm"]["AP"],
+            "box_lost": lost["bbox"]["lost"], "mask_lost": lost["segm"]["lost"],
+            "box_lost_95": [lost["bbox"]["low"], lost["bbox"]["high"]],
+            "mask_lost_95": [lost["segm"]["low"], lost["segm"]["high"]],
+            "box_agreement": agreement["bbox"]["AP"], "mask_agreement": agreement["segm"]["AP"],
+            "seconds": served_s, "vs_eager": served_s / reference_s, "detections": served_detections,
+            "calibration": manifest.calibration.model_dump() if manifest.calibration else None}
+
+
+def print_table(args: argparse.Namespace, rows: list[dict], reference_name: str, images: int, cpu: str) -> None:
+    print(f"\n{images} images of {args.data}/{args.split}; reference {reference_name}; "
           f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads; "
-          f"CPU {describe_cpu(cpu)}")
+          f"CPU {cpu}")
     header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost [95%]':>22}{'mask lost [95%]':>22}"
               f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}  goal (lost, time)")
     print(header)
@@ -259,12 +303,49 @@ def main(argv: list[str] | None = None) -> int:
               f"{_lost(r, 'box'):>22}{_lost(r, 'mask'):>22}{100 * r['box_agreement']:10.2f}"
               f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}"
               + "".join(f"  {k}={v}" for k, v in r["options"].items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    from build_tools.backend_choice import cpu_facts, describe_cpu
+    from build_tools.errors import BuildError
+    from build_tools.export import read_export_info
+    from build_tools.origin import origin_reference
+    from service.backends.base import UnsupportedPrecision
+
+    torch.set_num_threads(args.threads)
+    split = load_split(args)
+    started = time.perf_counter()
+    sha, export_dir = exported(args)
+    info = read_export_info(export_dir)
+    reference = origin_reference(info.checkpoint, asdict(info.inference_config), info.classes, prefer=args.reference)
+    print(f"reference: {reference.name} ({reference.detail})")
+    reference_detections = reference_results(args, reference, info.classes, split, sha)
+
+    rgb, jpeg = timing_scene(args.timing_objects)
+    reference_times, detections = time_reference(reference, rgb, args.timing_calls)
+    rows = [reference_row(reference, reference_detections, split, reference_times, detections)]
+    for variant in args.variants:
+        backend, precision, options = variant
+        try:
+            artifact = compiled_variant(args, export_dir, backend, precision, options)
+        except (BuildError, UnsupportedPrecision) as exc:  # not buildable here (backend or CPU): say so, go on
+            print(f"{backend} {precision}: skipped: {exc}", flush=True)
+            rows.append({"backend": backend, "precision": precision, "options": options, "skipped": str(exc)})
+            continue
+        rows.append(served_row(args, artifact, variant, split, reference_detections, rows[0]["seconds"], jpeg))
+
+    cpu = cpu_facts()
+    print_table(args, rows, reference.name, len(split.image_ids), describe_cpu(cpu))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": " ".join(sys.argv), "reference": reference.record(), "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": sha, "cpu": cpu, "reference_reused": bool(args.reuse_reference), "images": len(image_ids),
-            "bootstrap_samples": args.bootstrap_samples,
+            "checkpoint_sha256": sha, "cpu": cpu, "reference_reused": bool(args.reuse_reference),
+            "images": len(split.image_ids), "bootstrap_samples": args.bootstrap_samples,
             "split": args.split, "threads": args.threads,
             "timing_calls": args.timing_calls, "wall_s": time.perf_counter() - started, "rows": rows}, indent=1))
     return 0
