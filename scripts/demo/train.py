@@ -566,6 +566,59 @@ class TrainResult:
     cached: bool = False
 
 
+def restore_or_start(model: MaskRCNN, optimizer: torch.optim.Optimizer, saved: dict | None,
+                     crops: TrainingCrops, settings: TrainSettings) -> tuple[int, float, bool]:
+    """Load a saved training state into ``model`` and ``optimizer`` (with the RNG), or start a run
+    by measuring batch-norm statistics; either way set the training mode. Returns the run's
+    ``(iteration, seconds trained, batch norm frozen)``."""
+    iteration, trained_seconds, bn_frozen = 0, 0.0, False
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        iteration, bn_frozen = int(saved["iteration"]), bool(saved["bn_frozen"])
+        trained_seconds = float(saved["seconds"])
+    else:
+        # batch renormalisation's running statistics start as the initial network's population ones
+        measure_batch_norm_(model, (crops.batch(CALIBRATION_BATCHES_FROM + j, settings.batch_size)
+                                    for j in range(settings.bn_calibration_batches)))
+    set_training_mode(model, bn_frozen)
+    return iteration, trained_seconds, bn_frozen
+
+
+def training_step(model: MaskRCNN, optimizer: torch.optim.Optimizer, batch: Batch, settings: TrainSettings,
+                  iteration: int, lr: float) -> dict[str, float]:
+    """One SGD step at learning rate ``lr`` (times each group's ``lr_factor``) on ``batch``,
+    gradients clipped to ``settings.clip_norm``. Returns each loss and their ``total``."""
+    set_renorm_limits(model, settings, iteration)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_factor"]
+    losses = training_losses(model, batch, settings.precision)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
+    optimizer.step()
+    return {name: v.item() for name, v in losses.items()} | {"total": total.item()}
+
+
+def write_trained_model(model: MaskRCNN, out: Path, key: str, *, data_dir: str | Path, iterations: int,
+                        seconds: float, settings: TrainSettings, final_losses: dict[str, float],
+                        class_names: Sequence[str]) -> None:
+    """The finished run's mmdet checkpoint at ``out`` (its meta says how it was trained) and its
+    cache record under ``key``."""
+    save_mmdet_checkpoint(to_inference_model(model), out, meta={
+        "source": "maskrcnn-demo train (scripts/demo/train.py)",
+        "data": str(data_dir),
+        "iterations": iterations,
+        "train_seconds": seconds,
+        "settings": asdict(settings),
+        "final_losses": final_losses,
+        "dataset_meta": {"classes": list(class_names)},
+    })
+    model_cache.write_record(out, key, iterations=iterations, seconds=seconds, final_losses=final_losses)
+
+
 def train(
     data_dir: str | Path,
     out: str | Path,
@@ -592,9 +645,8 @@ def train(
     started = time.perf_counter()
     out = Path(out)
     state_path = state_path_for(out)
-    saved = None
-    if resume:
-        saved = load_state(state_path)
+    saved = load_state(state_path) if resume else None
+    if saved is not None:
         settings = TrainSettings(**{f.name: saved["settings"][f.name] for f in fields(TrainSettings)
                                     if f.name in saved["settings"]})
     settings = replace(settings, **(overrides or {}))
@@ -608,18 +660,7 @@ def train(
     model = build_training_model(settings, class_names)
     optimizer = torch.optim.SGD(parameter_groups(model, settings), lr=settings.lr, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
-    iteration, trained_seconds, bn_frozen = 0, 0.0, False
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        torch.set_rng_state(saved["torch_rng"])
-        iteration, bn_frozen = int(saved["iteration"]), bool(saved["bn_frozen"])
-        trained_seconds = float(saved["seconds"])
-    if saved is None:
-        # batch renormalisation's running statistics start as the initial network's population ones
-        measure_batch_norm_(model, (crops.batch(CALIBRATION_BATCHES_FROM + j, settings.batch_size)
-                                    for j in range(settings.bn_calibration_batches)))
-    set_training_mode(model, bn_frozen)
+    iteration, trained_seconds, bn_frozen = restore_or_start(model, optimizer, saved, crops, settings)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     recent: deque[dict[str, float]] = deque(maxlen=20)
@@ -642,19 +683,10 @@ def train(
                 bn_frozen = True
                 bar.write(f"iter {iteration}: BN statistics measured on {settings.bn_calibration_batches} "
                           "batches and frozen")
-            set_renorm_limits(model, settings, iteration)
             lr = settings.lr_at(iteration, run_progress())
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_factor"]
-            losses = training_losses(model, crops.batch(iteration, settings.batch_size), settings.precision)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_norm)
-            optimizer.step()
+            values = training_step(model, optimizer, crops.batch(iteration, settings.batch_size), settings,
+                                   iteration, lr)
             iteration += 1
-
-            values = {name: v.item() for name, v in losses.items()} | {"total": total.item()}
             if not all(math.isfinite(v) for v in values.values()):
                 raise TrainError(f"loss became {values} at iteration {iteration}; lower --lr")
             recent.append(values)
@@ -679,18 +711,8 @@ def train(
 
     finished = run_progress() >= 1.0 and stop_request.signum is None
     if finished:
-        final_losses = _mean(recent)
-        save_mmdet_checkpoint(to_inference_model(model), out, meta={
-            "source": "maskrcnn-demo train (scripts/demo/train.py)",
-            "data": str(data_dir),
-            "iterations": iteration,
-            "train_seconds": trained_seconds,
-            "settings": asdict(settings),
-            "final_losses": final_losses,
-            "dataset_meta": {"classes": list(class_names)},
-        })
-        model_cache.write_record(out, key, iterations=iteration, seconds=trained_seconds,
-                                 final_losses=final_losses)
+        write_trained_model(model, out, key, data_dir=data_dir, iterations=iteration, seconds=trained_seconds,
+                            settings=settings, final_losses=_mean(recent), class_names=class_names)
     return TrainResult(iteration, finished, _mean(recent), time.perf_counter() - started, settings,
                        stop_request.signum)
 
