@@ -13,7 +13,11 @@ What tests share (import plain functions with ``from conftest import ...``):
   ``cached_artifact``, ``cached_mutable_export``, ``cached_mutable_artifact``;
 - ``cache_key(**params)`` and ``build_into(folder, build)``: how a test caches an artifact of its
   own under ``CACHE`` (the key changes with ``PRODUCERS``, the build is renamed into place);
-- ``minimal_manifest`` (a valid manifest without a real model), ``openvino_has_bf16``, ``ROOT``.
+- ``minimal_manifest`` (a valid manifest without a real model), ``openvino_has_bf16``, ``ROOT``;
+- ``wait_until(condition)``: poll, fail the test when it stays false.
+
+A live server (in-process or a ``maskrcnn-serve`` subprocess) comes from ``serving`` in
+``scripts/tools/service_process.py``, the one module tests and tools start the service with.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +49,15 @@ def cache_key(**params) -> str:
     for path in PRODUCERS:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> None:
+    """Poll ``condition()`` every 0.1 s until it is true; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
 
 
 def openvino_has_bf16() -> bool:

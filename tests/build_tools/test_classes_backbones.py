@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import CACHE, build_into, cache_key, photo_dir
-from live_server import LiveServer, serving
 from service_images import encode, gradient
 
 from build_tools import cli
@@ -47,6 +46,7 @@ from build_tools.images import read_rgb
 from build_tools.model import build_model, init_random_
 from build_tools.pipeline import compile_step, export_step
 from build_tools.reference import reference_for_manifest, run_eager
+from scripts.tools.service_process import LiveServer, serving
 from service.backends import Engine, load_engine
 from service.manifest import Manifest
 from service.preprocess import pad_batch, prepare_image

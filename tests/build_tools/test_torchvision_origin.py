@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import CACHE, build_into, cache_key, photo_dir
-from live_server import serving
 from pycocotools import mask as mask_utils
 
 from build_tools.checkpoint import load_checkpoint
 from build_tools.images import read_rgb
 from build_tools.pipeline import compile_step, export_step
+from scripts.tools.service_process import serving
 from service.backends import load_engine
 from service.manifest import Manifest
 from service.settings import Settings

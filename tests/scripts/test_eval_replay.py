@@ -21,7 +21,6 @@ import httpx
 import pytest
 from pycocotools.coco import COCO
 
-from live_server import LiveServer, free_port, serving
 from scripts.demo.data import write_dataset
 from scripts.tools.eval_replay import (
     EvalError,
@@ -32,6 +31,7 @@ from scripts.tools.eval_replay import (
     main,
 )
 from scripts.tools.http import replay_retry_policy
+from scripts.tools.service_process import LiveServer, free_port, serving
 
 BIN = Path(sys.executable).parent
 IMAGES = 3

@@ -9,7 +9,6 @@ each request cost seconds here. perf needs the real engine (marked slow), except
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import minimal_manifest
-from live_server import serving
 
 from scripts.tools import loadtest, perf
+from scripts.tools.service_process import free_port, serving
 from service.manifest import Manifest
 from service.settings import Settings
 
@@ -122,11 +121,8 @@ def test_loadtest_refuses_bad_arguments(args, message, capsys):
 
 
 def test_loadtest_refuses_a_url_without_a_service(capsys):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.raises(SystemExit):
-        loadtest.main(["--url", f"http://127.0.0.1:{port}", "--requests", "1"])
+        loadtest.main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "1"])
     assert "no service at" in capsys.readouterr().err
 
 

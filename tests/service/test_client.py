@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from tenacity import RetryCallState, Retrying
 
-from live_server import serving
+from scripts.tools.service_process import serving
 from service.backends import load_engine
 from service.client import AnswerError, AsyncClient, Client, Health, RetryPolicy, UnknownImageType, encoded_image
 from service.settings import Settings

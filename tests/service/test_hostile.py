@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import requests
+from conftest import wait_until
 
-from live_server import serving, wait_until
+from scripts.tools.service_process import serving
 from service.backends import load_engine
 from service.settings import Settings
 from service_images import encode, gradient

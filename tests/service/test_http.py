@@ -16,9 +16,10 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from conftest import wait_until
 from pycocotools import mask as coco_mask
 
-from live_server import LiveServer, serving, wait_until
+from scripts.tools.service_process import LiveServer, serving
 from service.backends import Engine, load_engine
 from service.decode import decode_image
 from service.postprocess import paste_masks, postprocess_image, select_valid

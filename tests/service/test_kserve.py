@@ -17,7 +17,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from live_server import LiveServer, serving
+from scripts.tools.service_process import LiveServer, serving
 from service.backends import load_engine
 from service.decode import decode_image
 from service.kserve import OUTPUTS

@@ -15,7 +15,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from live_server import serving
+from scripts.tools.service_process import serving
 from service.backends import load_engine
 from service.settings import Settings
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from live_server import LiveServer, serving
+from scripts.tools.service_process import LiveServer, serving
 from service.backends import load_engine
 from service.settings import Settings
 

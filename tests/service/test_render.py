@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
 
-from live_server import LiveServer, serving
+from scripts.tools.service_process import LiveServer, serving
 from service.backends import load_engine
 from service.client import Detections
 from service.decode import decode_image

@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import wait_until
 
-from live_server import SERVE, serving, wait_until
+from scripts.tools.service_process import SERVE, serving
 from service_images import encode, gradient
 
 
