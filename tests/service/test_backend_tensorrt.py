@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 from engine_reference import EngineAsReference
 
-from build_tools.backends import get_builder
 from build_tools.images import list_images
 from build_tools.pipeline import compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import get_backend, load_engine
 
 tensorrt = get_backend("tensorrt")
-build = get_builder("tensorrt")
 ok, reason = tensorrt.available()
 needs_tensorrt = pytest.mark.skipif(not ok, reason=reason)
-
-
-def test_registered_with_its_precisions():
-    assert tensorrt.NAME == "tensorrt"
-    assert tensorrt.PRECISIONS == ("fp32", "fp16", "int8")
-    assert build.MODEL_FILE == "model.plan"
 
 
 def test_availability_names_what_is_missing():

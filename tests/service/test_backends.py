@@ -44,6 +44,18 @@ def test_registered_with_a_runtime_and_a_build_module(name):
     assert callable(get_builder(name).compile)
 
 
+@pytest.mark.parametrize("name, precisions, model_file", [
+    ("openvino", ("fp32", "bf16", "int8"), "model.xml"),
+    ("tensorrt", ("fp32", "fp16", "int8"), "model.plan"),
+    ("magicmind", ("fp32", "fp16", "int8"), "model.mm"),
+])
+def test_registered_with_its_precisions(name, precisions, model_file):
+    module = get_backend(name)
+    assert module.NAME == name
+    assert module.PRECISIONS == precisions
+    assert get_builder(name).MODEL_FILE == model_file
+
+
 def test_unknown_backend_names_are_refused():
     with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
         get_builder("nope")
