@@ -13,7 +13,8 @@ Parts: backbone, FPN, RPN head, proposals (anchors, decoding, top-k, NMS), RoIAl
 pooling, reordering), box head, detections (box decoding, NMS, output rows), mask head, everything
 else. A runtime node is mapped to a part through the graph it came from: module scopes in ONNX node
 names (``/backbone/body/...``, ``/mask_head/...``), RoIAlign nodes and the nodes whose results feed
-only RoIAlign, and, for the exporter's unscoped nodes, the scoped node they follow in trace order.
+only RoIAlign, and, for the exporter's unscoped nodes, the heads upstream of them (proposals after
+the RPN head, detections after the box head) or the nodes they feed.
 A runtime node (of the graph as the runtime executes it: ONNX Runtime's optimised model, OpenVINO's
 runtime model) takes the part of a graph node or tensor its name contains or it was fused from,
 else, when the runtime inserted it (reorders, split-off constants), the part of its neighbours;
@@ -73,8 +74,8 @@ SCOPE_RULES = (
     ("box_roi_pool", "roi_align"), ("mask_roi_pool", "roi_align"),
     ("head", "rpn_head"), ("anchor_generator", "proposals"), ("rpn", "proposals"), ("roi_heads", "detections"),
 )
-# The part of an unscoped node, by the part of the scoped node before it in trace order.
-PHASE_AFTER = {"rpn_head": "proposals", "proposals": "proposals", "box_head": "detections", "mask_head": "detections"}
+# The part of an unscoped node downstream of a head, the later head first.
+HEAD_DOWNSTREAM = {"mask_head": "detections", "box_head": "detections", "rpn_head": "proposals"}
 ROI_ALIGN_OPS = {"RoiAlign", "ROIAlign"}
 # Op types that are convolutions or matmuls, per profiler (OpenVINO's without the exec type).
 ARITHMETIC_OPS = {
@@ -141,16 +142,20 @@ def scope_part(name: str) -> str | None:
 
 
 def graph_parts(nodes: Sequence[GraphNode]) -> dict[str, str]:
-    """Part of every node name and every tensor name (its producer's part) of a trace-ordered graph.
+    """Part of every node name and every tensor name (its producer's part) of a graph whose nodes
+    come in topological order (the ONNX exporter's trace order, OpenVINO's ordered ops).
 
-    Scoped nodes take their scope's part. RoIAlign nodes, the node whose result a box or mask head
-    consumes (the pool's last), and every node whose results feed only RoIAlign nodes (the level
-    mapping, per-level indices, reordering) are RoIAlign. Any other unscoped node takes the part
-    that follows the scoped node before it (``PHASE_AFTER``): proposals after the RPN, detections
-    after the box and mask heads, else everything else.
+    Scoped nodes take their scope's part. RoIAlign nodes, the node downstream of them (not through a
+    head) whose result a box or mask head consumes (the pool's last), and every node whose results
+    feed only RoIAlign nodes (the level mapping, per-level indices, the RoIs) are RoIAlign. An
+    unscoped node between nodes of one part (fed by and feeding only that part: an op a converter
+    split off, like OpenVINO's ``ConvolutionBackpropData_<n>`` of the mask head's ConvTranspose)
+    takes that part. Any other unscoped node is a detection step when the box or mask head is upstream of it, a proposal
+    step when only the RPN head is (``HEAD_DOWNSTREAM``), else takes the part of the nodes it feeds
+    when they agree (shape arithmetic), else everything else.
     """
     part: dict[str, str] = {}
-    producer = {t: n for n in nodes for t in n.outputs}
+    producers: dict[str, GraphNode] = {t: n for n in nodes for t in n.outputs}
     consumers: dict[str, list[GraphNode]] = defaultdict(list)
     for node in nodes:
         part_of_scope = scope_part(node.name)
@@ -160,24 +165,38 @@ def graph_parts(nodes: Sequence[GraphNode]) -> dict[str, str]:
             part[node.name] = "roi_align"
         for t in node.inputs:
             consumers[t].append(node)
+
+    def users(node: GraphNode) -> list[GraphNode]:
+        return [u for t in node.outputs for u in consumers.get(t, ())]
+
+    pooled = {n.name for n in nodes if n.op in ROI_ALIGN_OPS}  # downstream of RoIAlign, not through a head
+    heads_upstream: dict[str, set[str]] = {}
     for node in nodes:
+        feeders = [producers[t] for t in node.inputs if t in producers]
+        if any(f.name in pooled for f in feeders) and node.name not in part:
+            pooled.add(node.name)
+        heads_upstream[node.name] = set().union(
+            *(heads_upstream[f.name] | ({part.get(f.name)} & set(HEAD_DOWNSTREAM)) for f in feeders))
         if part.get(node.name) in ("box_head", "mask_head"):
-            for t in node.inputs:
-                feeder = producer.get(t)
-                if feeder is not None and feeder.name not in part:
-                    part[feeder.name] = "roi_align"
+            for f in feeders:
+                if f.name in pooled and f.name not in part:
+                    part[f.name] = "roi_align"
     for node in reversed(nodes):
-        if node.name in part:
-            continue
-        users = [u for t in node.outputs for u in consumers.get(t, ())]
-        if users and all(part.get(u.name) == "roi_align" for u in users):
+        if node.name not in part and users(node) and all(part.get(u.name) == "roi_align" for u in users(node)):
             part[node.name] = "roi_align"
-    phase = "other"
+    for node in nodes:  # between two nodes of one part (a conversion's own op inside a head)
+        feeder_parts = {part.get(producers[t].name) for t in node.inputs if t in producers} - {None}
+        if node.name not in part and len(feeder_parts) == 1 and feeder_parts == {part.get(u.name) for u in users(node)}:
+            part[node.name] = feeder_parts.pop()
     for node in nodes:
-        scoped = scope_part(node.name)
-        if scoped:
-            phase = PHASE_AFTER.get(scoped, "other")
-        part.setdefault(node.name, phase)
+        if node.name not in part:
+            downstream_of = [HEAD_DOWNSTREAM[h] for h in HEAD_DOWNSTREAM if h in heads_upstream[node.name]]
+            if downstream_of:
+                part[node.name] = downstream_of[0]
+    for node in reversed(nodes):
+        if node.name not in part:
+            agreed = {part.get(u.name) for u in users(node)}
+            part[node.name] = agreed.pop() if len(agreed) == 1 and None not in agreed else "other"
     for node in nodes:
         for t in node.outputs:
             part.setdefault(t, part[node.name])
