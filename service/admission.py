@@ -1,4 +1,11 @@
-"""Admission: how much memory the requests being handled may hold, checked before the work.
+"""Admission: whether a request may start, checked once, before its body is read; and how much
+memory the requests being handled may hold.
+
+:class:`AdmissionControl` (one per app) admits a request when the engine is ready, the batcher
+gives it a place and its deadline can be met by the batcher's estimate, and the memory budget can
+take its body; then it reads the body. The :class:`Admission` it yields is the request's from
+then on: its deadline, its batcher place, and what it holds of the budget
+(:meth:`Admission.hold_image` once an image's size is known).
 
 Every /predict request reserves what it will hold from a :class:`MemoryBudget`: its body before the
 body is read (the declared ``Content-Length``, or the body limit when the length is not declared),
@@ -15,10 +22,24 @@ the engine, its arena and the Python heap need the rest.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from service.errors import Overloaded
+from prometheus_client import Gauge
+from starlette.requests import Request
+
+from service.batcher import Batcher, Slot
+from service.exceptions import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from service.request import body_bytes_to_hold, discard_body
+
+if TYPE_CHECKING:  # settings reads this module's default budget
+    from service.settings import Settings
+
+P = TypeVar("P")
 
 MIN_DEFAULT_BUDGET = 256 * 2**20
 MAX_DEFAULT_BUDGET = 2 * 2**30
@@ -117,3 +138,144 @@ class Reservation:
 def image_bytes(width: int, height: int, resized_hw: tuple[int, int]) -> tuple[int, int]:
     """``(decode, tensor)`` bytes an image of ``width`` x ``height`` pixels needs, resized to ``resized_hw``."""
     return width * height * DECODE_BYTES_PER_PIXEL, resized_hw[0] * resized_hw[1] * TENSOR_BYTES_PER_PIXEL
+
+
+class ImageHold:
+    """What one image of a request holds: its decoded pixels and its engine input tensor."""
+
+    def __init__(self, reservation: Reservation) -> None:
+        self._reservation = reservation
+
+    def release_pixels(self) -> None:
+        """The decoded pixels are freed (after preprocessing, unless they are drawn on)."""
+        self._reservation.release("pixels")
+
+
+class Admission(Generic[P]):
+    """An admitted request: its read body (``payload``), event-loop ``started`` and ``deadline``,
+    its place in the batcher, and its share of the memory budget (the body is held there). Everything
+    is given back when the :meth:`AdmissionControl.admit` block ends."""
+
+    def __init__(self, request: Request, budget: MemoryBudget, batcher: Batcher, started: float, deadline: float,
+                 slot: Slot) -> None:
+        self.request = request
+        self.started = started
+        self.deadline = deadline
+        self.payload: P | None = None
+        self._budget = budget
+        self._batcher = batcher
+        self._slots = [slot]
+        self._slot_taken = False
+        self._reservations = [budget.reservation()]
+
+    @property
+    def body(self) -> Reservation:
+        return self._reservations[0]
+
+    def hold_image(self, width: int, height: int, resized_hw: tuple[int, int], *, decoded: bool = True) -> ImageHold:
+        """Hold what a ``width`` x ``height`` image resized to ``resized_hw`` needs: its decoded pixels
+        (unless ``decoded`` is False: pixels that came as an array are in the body already) and its
+        engine input.
+
+        Raises:
+            Overloaded: the budget cannot take it (503); nothing more is held then.
+        """
+        reservation = self._budget.reservation()
+        self._reservations.append(reservation)
+        decode_bytes, tensor_bytes = image_bytes(width, height, resized_hw)
+        if decoded:
+            reservation.hold("pixels", decode_bytes, f"decoding a {width}x{height} image")
+        reservation.hold("tensor", tensor_bytes, f"the engine input of a {width}x{height} image")
+        return ImageHold(reservation)
+
+    def slot(self) -> Slot:
+        """A batcher place for one image: the one taken at admission for the first image; a request
+        with several images (the v2 protocol's batch input) checks and takes one more for each other.
+
+        Raises:
+            NotReady, Overloaded, DeadlineUnreachable: no place for another image.
+        """
+        if not self._slot_taken:
+            self._slot_taken = True
+            return self._slots[0]
+        slot = self._batcher.reserve(self.deadline)
+        self._slots.append(slot)
+        return slot
+
+    def check_deadline(self, stage: str) -> None:
+        """Raise :class:`DeadlineExceeded` (504) if the deadline passed before ``stage``."""
+        if asyncio.get_running_loop().time() >= self.deadline:
+            raise DeadlineExceeded(f"the request's deadline passed before {stage}")
+
+    async def disconnected(self) -> None:
+        """Return once the client disconnects (the body has been read, so only that message remains)."""
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+
+    def _release(self) -> None:
+        for reservation in self._reservations:
+            reservation.__exit__()
+        for slot in self._slots:
+            slot.release()
+
+
+class AdmissionControl:
+    """Admits requests: readiness, a batcher place, a reachable deadline and memory for the body.
+
+    Attributes:
+        not_ready_reason: why the service takes no requests yet (warming up, shutting down), or
+            None once it is ready.
+    """
+
+    def __init__(self, settings: Settings, budget: MemoryBudget, batcher: Batcher, serving: Callable[[], bool],
+                 in_flight: Gauge) -> None:
+        """``serving()``: whether an engine session can take a batch; ``in_flight``: the gauge of
+        requests being handled."""
+        self.settings = settings
+        self.budget = budget
+        self.not_ready_reason: str | None = "the engine is warming up"
+        self._batcher = batcher
+        self._serving = serving
+        self._in_flight = in_flight
+
+    def require_ready(self) -> None:
+        """Raise :class:`NotReady` (503) unless warmed up and at least one engine session serves."""
+        reason = self.not_ready_reason
+        if reason is None and not self._serving():
+            reason = "every engine session hung and is being replaced"
+        if reason is not None:
+            raise NotReady(reason, retry_after_s=self.settings.retry_after_s)
+
+    @asynccontextmanager
+    async def admit(
+        self, request: Request, timeout_ms: float | None, read_body: Callable[[Request, int], Awaitable[P]]
+    ) -> AsyncIterator[Admission[P]]:
+        """Admit one request, then read its body with ``read_body(request, max_body_bytes)``.
+
+        Admission happens before the body is read, once: readiness, a batcher place and whether the
+        deadline (``timeout_ms``, default the setting) can be met, memory for the body. A request
+        refused then, or whose body is refused, has the rest of its body drained before the error
+        is raised. The request counts as in flight, and holds its place and memory, until the block
+        ends.
+
+        Raises:
+            NotReady, Overloaded, DeadlineUnreachable (503); whatever ``read_body`` raises.
+        """
+        settings = self.settings
+        started = asyncio.get_running_loop().time()
+        deadline = started + (timeout_ms or settings.request_timeout_ms) / 1000
+        admission: Admission[P] | None = None
+        with self._in_flight.track_inprogress():
+            try:
+                try:
+                    self.require_ready()
+                    admission = Admission(request, self.budget, self._batcher, started, deadline, self._batcher.reserve(deadline))
+                    admission.body.hold("body", body_bytes_to_hold(request, settings.max_body_bytes), "the request body")
+                    admission.payload = await read_body(request, settings.max_body_bytes)
+                except ServiceError:
+                    await discard_body(request, settings.max_drain_bytes)
+                    raise
+                yield admission
+            finally:
+                if admission is not None:
+                    admission._release()

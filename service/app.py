@@ -19,14 +19,14 @@ from starlette.staticfiles import StaticFiles
 
 from service import kserve
 
-from service.admission import MemoryBudget
+from service.admission import AdmissionControl, MemoryBudget
 from service.backends import Engine
-from service.batcher import Batcher
-from service.engine_pool import EnginePool, ImageOutputs
+from service.engine_pool import EnginePool
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestCounter
-from service.preprocess import PreparedImage, prepare_image
-from service.response import ClassTable, OrjsonResponse
+from service.pipeline import Pipeline
+from service.preprocess import prepare_image
+from service.response import OrjsonResponse
 from service.routes import API_KEY_GUARD, PAGE_DIR, api, page, probes
 from service.runtime import Runtime
 from service.settings import Settings
@@ -68,44 +68,30 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(open_pool)
-        max_batch_size = pool.max_batch_size(settings.max_batch_size)
-
-        async def run_batch(images: list[PreparedImage]) -> list[ImageOutputs]:
-            metrics.batch_size.observe(len(images))
-            return await pool.infer(images)
-
-        batcher = Batcher(
-            run_batch,
-            max_batch_size=max_batch_size,
-            max_wait_s=settings.max_wait_ms / 1000,
-            max_queue_depth=settings.max_queue_depth,
-            num_workers=pool.size,
-            group_key=pool.padded_hw,
-            retry_after_s=settings.retry_after_s,
-            on_worker_restart=lambda why: metrics.worker_restarts.inc(),
-        )
+        pipeline = Pipeline(settings, pool, metrics)
+        budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
+        admission = AdmissionControl(settings, budget, pipeline.batcher, lambda: pool.serving, metrics.in_flight)
         manifest = pool.manifest
-        metrics.queue_depth.set_function(lambda: batcher.depth)
+        metrics.queue_depth.set_function(lambda: pipeline.batcher.depth)
         metrics.engine.info({
             "backend": manifest.backend,
             "precision": manifest.precision,
             "origin": manifest.origin,
             "graph_batch": str(pool.batch_size or "mutable"),
-            "max_batch_size": str(max_batch_size),
+            "max_batch_size": str(pipeline.max_batch_size),
             "sessions": str(pool.size),
             "threads_per_session": str(settings.threads_per_session),
         })
-        budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
         metrics.memory_in_flight.set_function(lambda: budget.in_use_bytes)
         metrics.memory_budget.set(budget.limit_bytes)
-        runtime = Runtime(settings, pool, batcher, metrics, ClassTable.from_manifest(manifest.classes), budget)
+        runtime = Runtime(settings, pool, pipeline, admission, metrics)
         app.state.runtime = runtime
-        async with batcher:
+        async with pipeline:
             warm_up = asyncio.create_task(_warm_up(runtime))
             try:
                 yield
             finally:
-                runtime.not_ready_reason = "the service is shutting down"
+                admission.not_ready_reason = "the service is shutting down"
                 warm_up.cancel()
         pool.close()
 
@@ -137,12 +123,12 @@ async def _warm_up(runtime: Runtime) -> None:
         started = asyncio.get_running_loop().time()
         await runtime.pool.warm_up(image)
         # seeds the batcher's service-time estimate (deadline-aware admission) with one session's call
-        runtime.batcher.observe_run((asyncio.get_running_loop().time() - started) / runtime.pool.size)
+        runtime.pipeline.batcher.observe_run((asyncio.get_running_loop().time() - started) / runtime.pool.size)
     except Exception as exc:
         log.exception("engine warm-up failed")
-        runtime.not_ready_reason = f"the engine failed its warm-up: {type(exc).__name__}: {exc}"
+        runtime.admission.not_ready_reason = f"the engine failed its warm-up: {type(exc).__name__}: {exc}"
         return
-    runtime.not_ready_reason = None
+    runtime.admission.not_ready_reason = None
     log.info("engine warmed up on %d session(s); ready", runtime.pool.size)
 
 

@@ -6,10 +6,13 @@ Rules (after Ray Serve's ``serve.batch``):
 - a batch holds at most ``max_batch_size`` items that share a group key (e.g. the padded input
   shape, so one engine call pads little), oldest first; it is dispatched when full or when its
   oldest item has waited ``max_wait_s``, whichever comes first, and only when a worker is free;
-- at most ``max_queue_depth`` items wait; one more is refused with :class:`Overloaded` (503);
+- at most ``max_queue_depth`` items hold a place (a :class:`Slot`): a request takes its place when
+  it is admitted, before its body is read and its image decoded, and gives it back when its item
+  leaves the queue; one more is refused with :class:`Overloaded` (503);
 - an item that cannot finish before its deadline, by the wait and run time estimated from the
-  batches measured so far (:meth:`Batcher.estimated_finish_s`), is refused at once with
-  :class:`DeadlineUnreachable` (503) instead of being accepted and answered 504 later;
+  places taken ahead of it (decoding ones included) and a high percentile of the recent batch
+  times (:meth:`Batcher.estimated_finish_s`), is refused at once with :class:`DeadlineUnreachable`
+  (503) instead of being accepted and answered 504 later;
 - an item whose deadline has passed fails with :class:`DeadlineExceeded` (504) instead of
   running, and an item whose caller cancelled its future (the client went away) leaves the
   queue at once and never runs;
@@ -22,6 +25,7 @@ Rules (after Ray Serve's ``serve.batch``):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -29,12 +33,14 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from service.errors import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
+from service.exceptions import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# Weight of the newest batch in the running mean of batch run times.
-RUN_TIME_SMOOTHING = 0.3
+# The deadline estimate takes this percentile of the last RUN_TIME_WINDOW batch times: on a shared
+# machine one engine call varies by 2x from the next, and a mean admits requests that then time out.
+RUN_TIME_PERCENTILE = 90
+RUN_TIME_WINDOW = 20
 R = TypeVar("R")
 
 
@@ -48,12 +54,26 @@ class Batched(Generic[R]):
     batch_size: int
 
 
+class Slot:
+    """An item's place among the ``max_queue_depth`` the batcher admits; given back once."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher: Batcher | None = batcher
+        batcher._slots += 1
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher._slots -= 1
+            self._batcher = None
+
+
 @dataclass(eq=False)
 class _Pending(Generic[T, R]):
     item: T
     key: Hashable
     deadline: float  # event-loop time
     enqueued: float  # event-loop time
+    slot: Slot
     future: asyncio.Future[Batched[R]] = field(repr=False)
 
 
@@ -75,7 +95,9 @@ class Batcher(Generic[T, R]):
         group_key: Callable[[T], Hashable] = lambda _: None,
         retry_after_s: int = 1,
         on_worker_restart: Callable[[str], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_batch(size)`` is called as each batch starts."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -98,7 +120,9 @@ class Batcher(Generic[T, R]):
         self._closed = True
         self._on_worker_restart = on_worker_restart
         self.worker_restarts = 0
-        self._run_s: float | None = None  # smoothed run time of one batch
+        self._on_batch = on_batch
+        self._run_times: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
+        self._slots = 0  # places taken: admitted items not yet started (queued ones included)
         self._running_since: dict[int, float] = {}  # worker -> event-loop time its batch started
 
     async def __aenter__(self) -> Batcher[T, R]:
@@ -128,6 +152,8 @@ class Batcher(Generic[T, R]):
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         _fail(self._queue, self._shutting_down())
+        for pending in self._queue:
+            pending.slot.release()
         self._queue.clear()
 
     @property
@@ -139,12 +165,12 @@ class Batcher(Generic[T, R]):
         return NotReady("the service is shutting down", retry_after_s=self._retry_after_s)
 
     def check_capacity(self) -> None:
-        """Raise :class:`Overloaded` (or :class:`NotReady` once closed) if a submit would be refused now."""
+        """Raise :class:`Overloaded` (or :class:`NotReady` once closed) if a place would be refused now."""
         if self._closed:
             raise self._shutting_down()
-        if len(self._queue) >= self.max_queue_depth:
+        if self._slots >= self.max_queue_depth:
             raise Overloaded(
-                f"{len(self._queue)} images are waiting for the engine (the limit is {self.max_queue_depth}); "
+                f"{self._slots} images are admitted and waiting for the engine (the limit is {self.max_queue_depth}); "
                 "retry later",
                 retry_after_s=self._retry_after_s,
             )
@@ -152,47 +178,68 @@ class Batcher(Generic[T, R]):
     def observe_run(self, seconds: float) -> None:
         """Feed one batch's run time into the estimate (the batcher's own batches feed it too;
         a warm-up run seeds it)."""
-        self._run_s = seconds if self._run_s is None else (
-            RUN_TIME_SMOOTHING * seconds + (1 - RUN_TIME_SMOOTHING) * self._run_s)
+        self._run_times.append(seconds)
+
+    def _run_estimate_s(self) -> float | None:
+        if not self._run_times:
+            return None
+        ordered = sorted(self._run_times)
+        return ordered[max(0, math.ceil(len(ordered) * RUN_TIME_PERCENTILE / 100) - 1)]
 
     def estimated_finish_s(self, now: float) -> float | None:
-        """Seconds from ``now`` until an item submitted now would have its result, or None before
-        any batch was measured: the batches queued ahead of it shared among the workers, after the
-        earliest running batch ends when every worker is busy, then its own batch."""
-        if self._run_s is None:
+        """Seconds from ``now`` until an item admitted now would have its result, or None before
+        any batch was measured: the places taken ahead of it, in batches shared among the workers,
+        after the earliest running batch ends when every worker is busy, then its own batch; each
+        batch at the 90th percentile of the recent batch times."""
+        run = self._run_estimate_s()
+        if run is None:
             return None
-        run = self._run_s
-        batches_ahead = len(self._queue) // self.max_batch_size
+        batches_ahead = self._slots // self.max_batch_size
         start = (batches_ahead // self._num_workers) * run
         if len(self._running_since) >= self._num_workers:
             start += max(0.0, min(self._running_since.values()) + run - now)
         return start + run
 
     def check_deadline(self, deadline: float) -> None:
-        """Raise :class:`DeadlineUnreachable` if an item submitted now would finish after ``deadline``
+        """Raise :class:`DeadlineUnreachable` if an item admitted now would finish after ``deadline``
         (event-loop time) by :meth:`estimated_finish_s`."""
         now = asyncio.get_running_loop().time()
         finish = self.estimated_finish_s(now)
         if finish is not None and now + finish > deadline:
             raise DeadlineUnreachable(
-                f"the engine would answer in about {finish:.1f} s ({len(self._queue)} images queued), after this "
+                f"the engine would answer in about {finish:.1f} s ({self._slots} images admitted ahead), after this "
                 f"request's deadline in {max(0.0, deadline - now):.1f} s; retry later or allow more time "
                 "(X-Request-Timeout-Ms)",
                 retry_after_s=max(self._retry_after_s, math.ceil(finish - max(0.0, deadline - now))),
             )
 
-    def submit(self, item: T, deadline: float) -> asyncio.Future[Batched[R]]:
-        """Queue ``item``; ``deadline`` is in event-loop time (``loop.time()``).
-
-        The caller awaits the returned future; cancelling it withdraws the item.
+    def reserve(self, deadline: float) -> Slot:
+        """A place for one item, taken once its capacity and ``deadline`` (event-loop time) are checked:
+        the one admission check of a request. Give it to :meth:`submit`, or ``release()`` it.
 
         Raises:
             NotReady, Overloaded, DeadlineUnreachable: see :meth:`check_capacity`, :meth:`check_deadline`.
         """
         self.check_capacity()
         self.check_deadline(deadline)
+        return Slot(self)
+
+    def submit(self, item: T, deadline: float, slot: Slot | None = None) -> asyncio.Future[Batched[R]]:
+        """Queue ``item`` in its ``slot`` (None: :meth:`reserve` one now); ``deadline`` is in
+        event-loop time (``loop.time()``). The slot is given back when the item leaves the queue.
+
+        The caller awaits the returned future; cancelling it withdraws the item.
+
+        Raises:
+            NotReady: the batcher is closed; without a slot, what :meth:`reserve` raises.
+        """
+        if slot is None:
+            slot = self.reserve(deadline)
+        elif self._closed:
+            slot.release()
+            raise self._shutting_down()
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, self._group_key(item), deadline, loop.time(), loop.create_future())
+        pending = _Pending(item, self._group_key(item), deadline, loop.time(), slot, loop.create_future())
         pending.future.add_done_callback(lambda fut: self._withdraw(pending) if fut.cancelled() else None)
         self._queue.append(pending)
         self._arrived.set()
@@ -201,6 +248,7 @@ class Batcher(Generic[T, R]):
     def _withdraw(self, pending: _Pending[T, R]) -> None:
         with contextlib.suppress(ValueError):
             self._queue.remove(pending)
+        pending.slot.release()
 
     async def _work(self, worker: int) -> None:
         while True:
@@ -222,6 +270,7 @@ class Batcher(Generic[T, R]):
                 if len(group) == self.max_batch_size or wait_s <= 0:
                     for pending in group:
                         self._queue.remove(pending)
+                        pending.slot.release()
                     return group
                 self._arrived.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -231,6 +280,7 @@ class Batcher(Generic[T, R]):
         """Drop withdrawn items whose done-callback has not run yet, and fail expired ones."""
         for pending in [p for p in self._queue if p.future.done() or p.deadline <= now]:
             self._queue.remove(pending)
+            pending.slot.release()
             if not pending.future.done():
                 pending.future.set_exception(
                     DeadlineExceeded(f"the deadline passed after {now - pending.enqueued:.3f} s in the queue")
@@ -240,6 +290,8 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         started = loop.time()
         self._running_since[worker] = started
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
         try:
             results = await self._handle_batch([p.item for p in batch])
             if len(results) != len(batch):

@@ -21,7 +21,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
-from service.errors import describe_validation_errors
+from service.exceptions import describe_validation_errors
 from service.settings import Settings
 
 ENV_ONLY = ("api_key",)

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from service.errors import InvalidImage, PayloadTooLarge
+from service.exceptions import InvalidImage, PayloadTooLarge
 
 # PIL format names we decode. PIL's JPEG opener also reads MPO, the multi-picture JPEG some
 # cameras write (its first frame is used).
@@ -71,6 +71,21 @@ def check_size(width: int, height: int, *, max_pixels: int, min_side: int) -> No
 
 # EXIF orientations that turn the image by 90 degrees (width and height trade places).
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def check_pixels(rgb: np.ndarray, *, max_pixels: int, min_side: int) -> np.ndarray:
+    """Pixels that came decoded (the v2 protocol's ``image_rgb``), within the limits encoded images
+    meet (:func:`check_size`); C-contiguous.
+
+    Raises:
+        InvalidImage: not uint8 ``[h, w, 3]``, or a side shorter than ``min_side``.
+        PayloadTooLarge: more than ``max_pixels`` pixels.
+    """
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidImage(f"raw pixels must be uint8 [height, width, 3] RGB, got {rgb.dtype} {list(rgb.shape)}")
+    height, width = rgb.shape[:2]
+    check_size(width, height, max_pixels=max_pixels, min_side=min_side)
+    return np.ascontiguousarray(rgb)
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import numpy as np
 from pycocotools import mask as coco_mask
 
 from service.postprocess import ImageDetections
-from service.response import ClassTable
+from service.manifest import ClassTable
 
 MASK_ALPHA = 0.5  # weight of the class colour in a masked pixel
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -107,8 +107,5 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def overlay_png(rgb: np.ndarray, detections: ImageDetections, classes: ClassTable) -> bytes:
     """The `/render` picture: ``detections`` (the service's, boxes in ``rgb``'s pixels) drawn on ``rgb``, as PNG."""
-    labels = detections.labels.tolist()
-    return encode_png(draw_overlay(
-        rgb, detections.boxes, detections.scores, [classes.ids[i] for i in labels], [classes.names[i] for i in labels],
-        detections.rles,
-    ))
+    category_ids, names = classes.categories(detections.labels.tolist())
+    return encode_png(draw_overlay(rgb, detections.boxes, detections.scores, category_ids, names, detections.rles))

@@ -26,7 +26,7 @@ import numpy as np
 
 from service.backends import Engine, load_engine
 from service.backends.base import OUTPUT_NAMES
-from service.errors import EngineTimeout, InferenceFailed
+from service.exceptions import EngineTimeout, InferenceFailed
 from service.manifest import Manifest
 from service.preprocess import PreparedImage, pad_batch, padded_hw
 

@@ -8,11 +8,14 @@ at keys. docs/architecture.md gives the meaning of every field.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.exceptions import InvalidParameters
 from service.preprocess import InputSpec, InvalidInputSpecError
 
 FORMAT_VERSION = 1
@@ -118,6 +121,40 @@ class ClassEntry(_Section):
     index: int = Field(ge=0, description="the label value in the engine's outputs")
     id: int = Field(description="category id in answers (COCO's for COCO classes, the user's dataset's, or 1..N)")
     name: str
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """The manifest's classes as lookups: label index -> category id and name, and back."""
+
+    ids: tuple[int, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def from_entries(cls, classes: Iterable[ClassEntry]) -> ClassTable:
+        ordered = sorted(classes, key=lambda c: c.index)
+        return cls(tuple(c.id for c in ordered), tuple(c.name for c in ordered))
+
+    def categories(self, labels: Iterable[int]) -> tuple[list[int], list[str]]:
+        """The category ids and names of engine labels (the one label lookup of answers and drawings)."""
+        labels = list(labels)
+        return [self.ids[i] for i in labels], [self.names[i] for i in labels]
+
+    def indices(self, wanted: Iterable[str]) -> frozenset[int]:
+        """Label indices of ``wanted`` class names (case-insensitive) or category ids.
+
+        Raises:
+            InvalidParameters: a name or id the engine does not know (422).
+        """
+        wanted = list(wanted)
+        by_name = {name.lower(): i for i, name in enumerate(self.names)}
+        by_id = {str(cid): i for i, cid in enumerate(self.ids)}
+        unknown = [w for w in wanted if w.lower() not in by_name and w not in by_id]
+        if unknown:
+            raise InvalidParameters(
+                f"unknown classes {unknown}; use the engine's class names or category ids (GET /v1/models lists them)"
+            )
+        return frozenset(by_name.get(w.lower(), by_id.get(w)) for w in wanted)
 
 
 class CheckpointInfo(_Section):

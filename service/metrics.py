@@ -22,6 +22,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.stages import STAGES, StageSeconds
+
 # Seconds: from sub-millisecond host stages to multi-second CPU inference.
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
@@ -40,7 +42,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "maskrcnn_stage_seconds",
-            "Latency of /predict per stage (decode, preprocess, queue_wait, inference, postprocess, total)",
+            f"Latency of /predict per stage ({', '.join(STAGES)})",
             ["stage"], buckets=STAGE_BUCKETS, registry=self.registry,
         )
         self.batch_size = Histogram(
@@ -63,7 +65,7 @@ class Metrics:
             "maskrcnn_worker_restarts", "Batcher workers restarted after ending unexpectedly", registry=self.registry
         )
 
-    def observe_stages(self, seconds: dict[str, float]) -> None:
+    def observe_stages(self, seconds: StageSeconds) -> None:
         for stage, value in seconds.items():
             self.stage_seconds.labels(stage).observe(value)
 

@@ -43,16 +43,14 @@ from typing import Literal
 import numpy as np
 from pycocotools import mask as coco_mask
 
+from service.exceptions import InvalidEngineOutputs
+
 # How boxes return to original pixels and masks are pasted: the checkpoint origin's own way.
 PasteRule = Literal["mmdet", "torchvision"]
 PASTE_RULES: tuple[str, ...] = ("mmdet", "torchvision")
 
 # Image columns pasted per vectorised step; see _mask_runs.
 _COLUMNS_PER_CHUNK = 2048
-
-
-class InvalidDetectionsError(ValueError):
-    """Engine outputs or postprocess settings that break the output contract."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +128,7 @@ def select_valid(
         equal scores keep the engine's order).
 
     Raises:
-        InvalidDetectionsError: shapes that do not match each other or the contract.
+        InvalidEngineOutputs: shapes that do not match each other or the contract.
     """
     _check_detections(dets, labels, masks)
     scores = dets[:, 4]
@@ -161,14 +159,14 @@ def rescale_boxes(
         float32 ``[K, 4]`` in original-image pixels, computed in float32 as the origin does.
 
     Raises:
-        InvalidDetectionsError: boxes not ``[K, 4]``, or a scale factor that is not positive.
+        InvalidEngineOutputs: boxes not ``[K, 4]``, or a scale factor that is not positive.
     """
     boxes = np.asarray(boxes)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise InvalidDetectionsError(f"boxes must be [K, 4], got {list(boxes.shape)}")
+        raise InvalidEngineOutputs(f"boxes must be [K, 4], got {list(boxes.shape)}")
     w_scale, h_scale = scale_factor
     if not (w_scale > 0 and h_scale > 0):
-        raise InvalidDetectionsError(f"scale factors must be > 0, got {scale_factor}")
+        raise InvalidEngineOutputs(f"scale factors must be > 0, got {scale_factor}")
     h0, w0 = orig_hw
     if rule == "torchvision":
         w, h = round(w_scale * w0), round(h_scale * h0)  # the resized sides, integers
@@ -199,7 +197,7 @@ def paste_masks(
         bool ``[K, H, W]``. For memory, prefer :func:`paste_mask_crops` or :func:`encode_rle`.
 
     Raises:
-        InvalidDetectionsError: bad shapes, non-finite boxes, or ``threshold <= 0``.
+        InvalidEngineOutputs: bad shapes, non-finite boxes, or ``threshold <= 0``.
     """
     h, w = image_hw
     full = np.zeros((len(boxes), h, w), bool)
@@ -314,7 +312,7 @@ def postprocess_image(
         paste: the checkpoint origin's box rescaling and mask paste (``manifest.postprocess.paste``).
 
     Raises:
-        InvalidDetectionsError: outputs that break the contract, or ``mask_threshold <= 0``.
+        InvalidEngineOutputs: outputs that break the contract, or ``mask_threshold <= 0``.
     """
     dets, labels, masks = select_valid(
         dets, labels, masks, score_threshold, max_detections, keep_classes
@@ -329,11 +327,11 @@ def postprocess_image(
 def _check_detections(dets: np.ndarray, labels: np.ndarray, masks: np.ndarray) -> None:
     n = len(dets)
     if dets.ndim != 2 or dets.shape[1] != 5:
-        raise InvalidDetectionsError(f"dets must be [N, 5], got {list(dets.shape)}")
+        raise InvalidEngineOutputs(f"dets must be [N, 5], got {list(dets.shape)}")
     if labels.shape != (n,):
-        raise InvalidDetectionsError(f"labels must be [{n}], got {list(labels.shape)}")
+        raise InvalidEngineOutputs(f"labels must be [{n}], got {list(labels.shape)}")
     if masks.ndim != 3 or len(masks) != n:
-        raise InvalidDetectionsError(f"masks must be [{n}, Mh, Mw], got {list(masks.shape)}")
+        raise InvalidEngineOutputs(f"masks must be [{n}, Mh, Mw], got {list(masks.shape)}")
 
 
 def _paste_regions(
@@ -361,15 +359,15 @@ def _mask_runs(
     masks = np.asarray(masks)
     k = len(boxes)
     if np.shape(boxes) != (k, 4) or masks.ndim != 3 or len(masks) != k:
-        raise InvalidDetectionsError(
+        raise InvalidEngineOutputs(
             f"need masks [K, Mh, Mw] and boxes [K, 4], got {list(masks.shape)} and {list(np.shape(boxes))}"
         )
     if not np.isfinite(boxes).all():
-        raise InvalidDetectionsError("boxes must be finite")
+        raise InvalidEngineOutputs("boxes must be finite")
     # Compared in float32 as torch compares a float32 tensor with a Python float.
     t = float(np.float32(threshold))
     if not t > 0:
-        raise InvalidDetectionsError(f"mask threshold must be > 0, got {threshold}")
+        raise InvalidEngineOutputs(f"mask threshold must be > 0, got {threshold}")
     mask_h, mask_w = masks.shape[1:]
     if rule == "mmdet":
         boxes = np.asarray(boxes, np.float64)
@@ -397,7 +395,7 @@ def _mask_runs(
         row_b = 1.5 * row_a + y0 - 0.5
         t = float(np.nextafter(np.float32(t), np.float32(np.inf)))  # "> t" is ">= the next float32"
     else:
-        raise InvalidDetectionsError(f"unknown paste rule {rule!r}; expected one of {PASTE_RULES}")
+        raise InvalidEngineOutputs(f"unknown paste rule {rule!r}; expected one of {PASTE_RULES}")
 
     # One entry per image column of every box's region.
     columns = np.where(bottom > top, right - left, 0)

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
+from service.exceptions import InvalidImage
+
 # The manifest `input` keys that describe the graph's input tensor rather than the host's
 # preprocessing; the host produces exactly these, so a manifest asking for anything else is refused.
 _FIXED_INPUT_FIELDS: dict[str, Any] = {
@@ -29,10 +31,6 @@ _FIXED_INPUT_FIELDS: dict[str, Any] = {
 
 class InvalidInputSpecError(ValueError):
     """A manifest `input` section this host preprocessing cannot produce (missing or bad key)."""
-
-
-class InvalidImageError(ValueError):
-    """An image array that is not RGB uint8 ``[h, w, 3]`` with h, w >= 1 (a client-caused 4xx)."""
 
 
 @dataclass(frozen=True)
@@ -177,18 +175,18 @@ def prepare_image(rgb: np.ndarray, spec: InputSpec, orig_hw: tuple[int, int] | N
         torch or numpy float32.
 
     Raises:
-        InvalidImageError: ``rgb`` is not a uint8 ``[h, w, 3]`` array with h, w >= 1, or is so
+        InvalidImage: ``rgb`` is not a uint8 ``[h, w, 3]`` array with h, w >= 1, or is so
             elongated that its short side resizes to 0 pixels.
     """
     if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8:
-        raise InvalidImageError(f"image must be a uint8 numpy array, got {getattr(rgb, 'dtype', type(rgb))}")
+        raise InvalidImage(f"image must be a uint8 numpy array, got {getattr(rgb, 'dtype', type(rgb))}")
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-        raise InvalidImageError(f"image must have shape [h, w, 3] with h, w >= 1, got {list(rgb.shape)}")
+        raise InvalidImage(f"image must have shape [h, w, 3] with h, w >= 1, got {list(rgb.shape)}")
     rgb = np.ascontiguousarray(rgb)  # cv2 refuses strided views such as bgr[..., ::-1]
     h0, w0 = orig_hw or rgb.shape[:2]
     h, w = spec.resized_hw((h0, w0))
     if h < 1 or w < 1:
-        raise InvalidImageError(f"a {w0}x{h0} image is too elongated: it resizes to {w}x{h} pixels")
+        raise InvalidImage(f"a {w0}x{h0} image is too elongated: it resizes to {w}x{h} pixels")
     same_size = (h, w) == rgb.shape[:2]
     tensor = np.empty((3, h, w), np.float32)
     if spec.resize_input == "normalized":

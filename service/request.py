@@ -1,4 +1,5 @@
-"""Request: the body forms /predict accepts, the body size limit, and the prediction options.
+"""Request: the body forms /predict accepts, the body size limit, and the prediction options (as
+sent, :class:`PredictOptions`, and resolved against the manifest, :class:`RequestOptions`).
 
 Three body forms carry one image:
 
@@ -29,7 +30,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import (
+from service.exceptions import (
     BadRequest,
     ClientDisconnected,
     InvalidImage,
@@ -38,6 +39,8 @@ from service.errors import (
     UnsupportedMediaType,
     describe_validation_errors,
 )
+from service.manifest import ClassTable, PostprocessSection
+from service.postprocess import PasteRule
 from service.response import ResponseFormat
 
 MULTIPART = "multipart/form-data"
@@ -83,6 +86,63 @@ class PredictJSON(PredictOptions):
     """The ``application/json`` body of /predict."""
 
     image: str = Field(description="The encoded image (JPEG, PNG, WebP or BMP) in base64, optionally as a data: URL.")
+
+
+class RequestOptions(BaseModel):
+    """One request's options resolved once against the engine's manifest; every stage reads this.
+
+    Attributes:
+        score_threshold: keep detections scoring at least this.
+        mask_threshold: a pasted mask pixel is set at this probability (the manifest's).
+        max_detections: keep at most this many, best first (<= the manifest's).
+        keep_classes: label indices to keep, or None for all.
+        with_masks: paste and encode each detection's mask.
+        paste: the checkpoint origin's box rescale and mask paste (the manifest's).
+        format: the answer's form; ``image_id``: copied into ``format=coco`` entries.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    score_threshold: float
+    mask_threshold: float
+    max_detections: int
+    keep_classes: frozenset[int] | None
+    with_masks: bool
+    paste: PasteRule
+    format: ResponseFormat
+    image_id: int | None
+
+
+def resolve_options(options: PredictOptions, postprocess: PostprocessSection, classes: ClassTable) -> RequestOptions:
+    """``options`` with the manifest's defaults filled in and the class names turned into labels.
+
+    Raises:
+        InvalidParameters: more detections than the engine makes, or an unknown class (422).
+    """
+    if options.max_detections is not None and options.max_detections > postprocess.max_detections:
+        raise InvalidParameters(f"max_detections is at most {postprocess.max_detections} for this engine")
+    return RequestOptions(
+        score_threshold=postprocess.score_threshold if options.score_threshold is None else options.score_threshold,
+        mask_threshold=postprocess.mask_threshold,
+        max_detections=options.max_detections or postprocess.max_detections,
+        keep_classes=classes.indices(options.classes) if options.classes else None,
+        with_masks=options.masks,
+        paste=postprocess.paste,
+        format=options.format,
+        image_id=options.image_id,
+    )
+
+
+def decode_base64(text: str) -> bytes:
+    """The bytes of base64 ``text`` (whitespace ignored; a ``data:...,`` URL prefix allowed), as both
+    /predict's JSON body and the v2 protocol's JSON tensors carry images.
+
+    Raises:
+        binascii.Error, ValueError: not base64; the caller names the field.
+    """
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    return base64.b64decode("".join(text.split()), validate=True)
 
 
 @dataclass(frozen=True)
@@ -227,11 +287,8 @@ def _from_json(body: bytes) -> Payload:
         request = PredictJSON.model_validate(data)
     except ValidationError as exc:
         raise InvalidParameters(describe_validation_errors(exc.errors())) from None
-    encoded = request.image
-    if encoded.startswith("data:"):
-        encoded = encoded.partition(",")[2]
     try:
-        image = base64.b64decode("".join(encoded.split()), validate=True)
+        image = decode_base64(request.image)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImage(f"field {IMAGE_FIELD!r} is not valid base64: {exc}") from None
     return Payload(image, request.model_dump(exclude_unset=True, exclude={IMAGE_FIELD}))

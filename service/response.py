@@ -1,21 +1,18 @@
-"""Response: /predict bodies (native and COCO results-file forms), their schemas, the class table
-that names the engine's labels, and orjson rendering."""
+"""Response: /predict bodies (native and COCO results-file forms), their schemas, and orjson rendering."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.responses import JSONResponse
 
-from service.manifest import ClassEntry
+from service.manifest import ClassTable
 from service.postprocess import ImageDetections
+from service.stages import STAGES, StageSeconds
 
 ResponseFormat = Literal["native", "coco"]
-STAGES = ("decode", "preprocess", "queue_wait", "inference", "postprocess", "total")
 
 
 class OrjsonResponse(JSONResponse):
@@ -23,38 +20,6 @@ class OrjsonResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-class UnknownClasses(ValueError):
-    """A ``classes`` option naming a class the engine does not know (a client's 4xx)."""
-
-
-@dataclass(frozen=True)
-class ClassTable:
-    """The manifest's classes: label index -> category id and name, and the reverse lookups."""
-
-    ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_manifest(cls, classes: Iterable[ClassEntry]) -> ClassTable:
-        ordered = sorted(classes, key=lambda c: c.index)
-        return cls(tuple(c.id for c in ordered), tuple(c.name for c in ordered))
-
-    def indices(self, wanted: list[str]) -> set[int]:
-        """Label indices of ``wanted`` class names (case-insensitive) or category ids.
-
-        Raises:
-            UnknownClasses: a name or id the engine does not know.
-        """
-        by_name = {name.lower(): i for i, name in enumerate(self.names)}
-        by_id = {str(cid): i for i, cid in enumerate(self.ids)}
-        unknown = [w for w in wanted if w.lower() not in by_name and w not in by_id]
-        if unknown:
-            raise UnknownClasses(
-                f"unknown classes {unknown}; use the engine's class names or category ids (GET /v1/models lists them)"
-            )
-        return {by_name.get(w.lower(), by_id.get(w)) for w in wanted}
 
 
 class RLE(BaseModel):
@@ -77,15 +42,11 @@ class ImageInfo(BaseModel):
     height: int
 
 
-class Timings(BaseModel):
-    """Milliseconds spent per stage of this request (inference is the whole batch's engine call)."""
-
-    decode: float
-    preprocess: float
-    queue_wait: float
-    inference: float
-    postprocess: float
-    total: float
+Timings = create_model(
+    "Timings",
+    __doc__="Milliseconds spent per stage of this request (inference is the whole batch's engine call).",
+    **{stage: (float, ...) for stage in STAGES},
+)
 
 
 class PredictResponse(BaseModel):
@@ -152,7 +113,7 @@ def build_response(
     detections: ImageDetections,
     classes: ClassTable,
     image_hw: tuple[int, int],
-    seconds: Mapping[str, float],
+    seconds: StageSeconds,
     *,
     response_format: ResponseFormat = "native",
     image_id: int | None = None,
@@ -163,16 +124,14 @@ def build_response(
         detections: the image's detections, boxes in original pixels.
         classes: names and category ids of the engine's labels.
         image_hw: ``(h0, w0)`` of the original image.
-        seconds: wall time per stage (``STAGES``), in seconds.
+        seconds: wall time per stage, in seconds.
     """
     boxes, scores = detections.boxes.tolist(), detections.scores.tolist()
-    labels = detections.labels.tolist()
-    category_ids = [classes.ids[i] for i in labels]
+    category_ids, names = classes.categories(detections.labels.tolist())
     timings_ms = {stage: round(s * 1000, 3) for stage, s in seconds.items()}
     if response_format == "coco":
         body: Any = coco_body(boxes, scores, category_ids, detections.rles, image_id)
     else:
-        names = [classes.names[i] for i in labels]
         body = native_body(boxes, scores, category_ids, names, detections.rles, image_hw, timings_ms)
     server_timing = ", ".join(f"{stage};dur={ms}" for stage, ms in timings_ms.items())
     return OrjsonResponse(body, headers={"Server-Timing": server_timing})

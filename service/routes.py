@@ -1,5 +1,6 @@
-"""HTTP routes: each reads its request, hands the image to ``service.inference.detect`` (decode ->
-preprocess -> batcher -> engine pool -> postprocess) and shapes the answer with ``service.response``.
+"""HTTP routes: each is admitted (``service.admission``), hands its image to the pipeline (decode ->
+preprocess -> batch -> infer -> postprocess, ``service.pipeline``) and shapes the answer with
+``service.response``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from service.draw import overlay_png
-from service.errors import ErrorBody, Unauthorized
-from service.inference import Inference, admitted, detect
+from service.errors import ErrorBody
+from service.exceptions import Unauthorized
 from service.manifest import Manifest
-from service.request import PredictOptions, merge_options, read_payload, request_body_openapi
+from service.pipeline import Inference
+from service.request import PredictOptions, RequestOptions, merge_options, read_payload, request_body_openapi
 from service.response import CocoResult, OrjsonResponse, PredictResponse, build_response
 from service.runtime import Runtime
 
@@ -95,7 +97,7 @@ async def predict(
     request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
     async with _detected(runtime, request, query, timeout_ms) as (options, result):
-        return build_response(result.detections, runtime.classes, result.image.orig_hw, result.seconds,
+        return build_response(result.detections, runtime.pipeline.classes, result.image.orig_hw, result.seconds,
                               response_format=options.format, image_id=options.image_id)
 
 
@@ -115,20 +117,19 @@ async def render(
     request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
     async with _detected(runtime, request, query, timeout_ms, keep_pixels=True) as (_, result):
-        png = await run_in_threadpool(overlay_png, result.pixels, result.detections, runtime.classes)
+        png = await run_in_threadpool(overlay_png, result.pixels, result.detections, runtime.pipeline.classes)
         return Response(png, media_type="image/png")
 
 
 @asynccontextmanager
 async def _detected(
     runtime: Runtime, request: Request, query: PredictOptions, timeout_ms: float | None, keep_pixels: bool = False
-) -> AsyncIterator[tuple[PredictOptions, Inference]]:
-    """/predict's and /render's request: admitted, its body read, its options merged with the
-    query's, its image detected; the request holds its memory until the block ends."""
-    async with admitted(runtime, request, timeout_ms, read_payload) as admission:
-        options = merge_options(query, admission.payload.options)
-        yield options, await detect(runtime, request, admission.payload.image, options, admission.started,
-                                    admission.deadline, admission.reservation, keep_pixels=keep_pixels)
+) -> AsyncIterator[tuple[RequestOptions, Inference]]:
+    """/predict's and /render's request: admitted, its body read, its options resolved, its image
+    run through the pipeline; the request holds its memory until the block ends."""
+    async with runtime.admission.admit(request, timeout_ms, read_payload) as admission:
+        options = runtime.pipeline.resolve(merge_options(query, admission.payload.options))
+        yield options, await runtime.pipeline.run(admission.payload.image, options, admission, keep_pixels=keep_pixels)
 
 
 @probes.get("/healthz", summary="Liveness: the process is up")
@@ -142,7 +143,7 @@ async def healthz() -> dict[str, str]:
     responses={503: {"model": ErrorBody, "description": "not loaded or warmed up yet, or shutting down"}},
 )
 async def readyz(runtime: RuntimeDep) -> dict[str, str]:
-    runtime.require_ready()
+    runtime.admission.require_ready()
     return {"status": "ready"}
 
 

@@ -28,7 +28,7 @@ from build_tools.classes import COCO_CLASSES
 from service.client import AnswerError, Client, Detections
 from service.decode import decode_image
 from service.draw import draw_overlay, encode_png
-from service.errors import ServiceError
+from service.exceptions import ServiceError
 
 COCO_NAMES = dict(COCO_CLASSES)
 

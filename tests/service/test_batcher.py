@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from service.batcher import Batcher
-from service.errors import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
+from service.exceptions import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
 
 
 def run(coro):

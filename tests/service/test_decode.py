@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.decode import decode_image
-from service.errors import InvalidImage, PayloadTooLarge
+from service.exceptions import InvalidImage, PayloadTooLarge
 from service_images import cmyk_jpeg, encode, exif_rotated_jpeg, gradient, gray16_png, png_header_only, png_rgb16
 
 LIMITS = {"max_bytes": 2**20, "max_pixels": 10_000_000, "min_side": 8}

@@ -10,7 +10,7 @@ import pytest
 from service.backends import load_engine
 from service.batcher import Batcher
 from service.engine_pool import EnginePool
-from service.errors import InferenceFailed
+from service.exceptions import InferenceFailed
 from service.preprocess import PreparedImage, prepare_image
 from service_images import gradient
 

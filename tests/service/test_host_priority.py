@@ -6,8 +6,7 @@ import asyncio
 import os
 import threading
 
-from service.inference import _on_host
-from service.settings import Settings
+from service.pipeline import on_host
 
 
 def thread_nice() -> int:
@@ -16,7 +15,7 @@ def thread_nice() -> int:
 
 def test_host_stages_run_at_the_configured_niceness_and_the_event_loop_does_not():
     async def main():
-        return await _on_host(Settings(host_nice=7), thread_nice), thread_nice()
+        return await on_host(7, thread_nice), thread_nice()
 
     process_nice = thread_nice()
     host, loop = asyncio.run(main())

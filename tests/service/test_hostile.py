@@ -133,7 +133,7 @@ def test_engine_faults_cost_only_the_requests_they_hit(engine):
             assert server.post(PNG, "image/png").status_code == 200  # on the replacement
 
             # a batcher worker that dies is replaced: readiness holds and the next request is served
-            worker = server.app.state.runtime.batcher._workers[0]
+            worker = server.app.state.runtime.pipeline.batcher._workers[0]
             worker.get_loop().call_soon_threadsafe(worker.cancel)
             wait_until(lambda: server.metric("maskrcnn_worker_restarts_total") == 1)
             assert httpx.get(server.url + "/readyz").status_code == 200

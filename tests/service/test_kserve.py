@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 from scripts.tools.service_process import LiveServer, serving
 from service.backends import load_engine
 from service.decode import decode_image
-from service.kserve import OUTPUTS
+from service.kserve_codec import OUTPUTS
 from service.settings import Settings
 from service_images import encode, gradient
 

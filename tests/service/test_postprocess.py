@@ -7,8 +7,8 @@ import pytest
 from pycocotools import mask as coco_mask
 
 from paste_oracle import mmdet_paste_mask_values
+from service.exceptions import InvalidEngineOutputs
 from service.postprocess import (
-    InvalidDetectionsError,
     encode_rle,
     paste_mask_crops,
     paste_masks,
@@ -183,13 +183,13 @@ def test_encode_rle_of_no_detections():
 
 def test_paste_rejects_bad_input():
     masks, boxes = np.ones((1, 28, 28), np.float32), np.array([[1, 1, 4, 4]], np.float32)
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         encode_rle(masks, boxes, (8, 8), threshold=0.0)
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         encode_rle(masks, boxes[:, :3], (8, 8))
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         encode_rle(np.ones((2, 28, 28), np.float32), boxes, (8, 8))
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         encode_rle(masks, np.array([[1, 1, np.nan, 4]], np.float32), (8, 8))
 
 
@@ -198,7 +198,7 @@ def test_rescale_boxes_divides_per_axis_and_clips():
     out = rescale_boxes(boxes, (2.0, 4.0), (100, 60))
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, [[5, 5, 55, 55], [0, 0, 60, 100]])
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         rescale_boxes(boxes, (0.0, 1.0), (100, 60))
 
 
@@ -247,9 +247,9 @@ def test_select_valid_filters(kwargs, expected_labels):
 
 def test_select_valid_rejects_mismatched_rows():
     dets, labels, masks = engine_rows()
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         select_valid(dets, labels[:5], masks)
-    with pytest.raises(InvalidDetectionsError):
+    with pytest.raises(InvalidEngineOutputs):
         select_valid(dets[:, :4], labels, masks)
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from service.exceptions import InvalidImage
 from service.preprocess import (
     InputSpec,
-    InvalidImageError,
     InvalidInputSpecError,
     pad_batch,
     prepare_image,
@@ -115,7 +115,7 @@ def test_cv2_resize_samples_pixel_centres_like_torch_bilinear():
     ],
 )
 def test_prepare_image_rejects_non_rgb_uint8(bad):
-    with pytest.raises(InvalidImageError):
+    with pytest.raises(InvalidImage):
         prepare_image(bad, InputSpec())
 
 
