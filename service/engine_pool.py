@@ -108,11 +108,6 @@ class EnginePool:
 
         return cls([factory() for _ in range(sessions)], factory=factory, **options)
 
-    def max_batch_size(self, requested: int) -> int:
-        """Images per engine call: the graph's fixed batch size, else ``requested`` capped at the
-        largest batch a mutable-batch artifact was built for (manifest ``shape_profile.batch.max``)."""
-        return self.batch_size or min(requested, self.manifest.max_batch_size)
-
     def padded_hw(self, image: PreparedImage) -> tuple[int, int]:
         """``(H, W)`` this image pads to alone; images that agree on it batch without extra padding."""
         return padded_hw(image.resized_hw, self.input_spec.pad_divisor)

@@ -231,12 +231,19 @@ class ParityReport(_Section):
     mask_ap: float | None
     mask_ap50: float | None
     ap_delta_points: APDelta
-    eager_seconds_per_image: float
-    engine_seconds_per_image: float
     timing: ParityTiming
     tolerance: dict[str, float] = Field(default_factory=dict)
     passed: bool = True
     failures: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_mean_seconds(cls, data: Any) -> Any:
+        # Artifacts built by version 0.1.0 also hold the mean seconds per image next to
+        # ``timing``'s medians; one statistic is reported, so those keys are read and dropped.
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k not in ("eager_seconds_per_image", "engine_seconds_per_image")}
+        return data
 
     @field_validator("box_ap", "box_ap50", "mask_ap", "mask_ap50", mode="before")
     @classmethod
@@ -275,6 +282,11 @@ class Manifest(_Section):
         """The most images one call may hold: the fixed size, or a mutable graph's ``max``."""
         batch = self.shape_profile.batch
         return batch.max if batch.mutable else batch.size
+
+    def images_per_call(self, requested: int) -> int:
+        """Images per engine call when serving with ``--max-batch-size requested``: the graph's
+        fixed batch size, else ``requested`` capped at the largest batch a mutable graph takes."""
+        return self.batch_size or min(requested, self.max_batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -70,7 +70,7 @@ class Pipeline:
         self.classes = ClassTable.from_entries(pool.manifest.classes)
         self._spec = pool.input_spec
         self._metrics = metrics
-        self.max_batch_size = pool.max_batch_size(settings.max_batch_size)
+        self.max_batch_size = pool.manifest.images_per_call(settings.max_batch_size)
         self.batcher: Batcher[PreparedImage, ImageOutputs] = Batcher(
             pool.infer,
             max_batch_size=self.max_batch_size,

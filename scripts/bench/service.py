@@ -35,7 +35,7 @@ from scripts.tools.service_process import running_service
 from service.backends import Engine, load_engine
 from service.decode import decode_image
 from service.preprocess import pad_batch, prepare_image
-from service.response import STAGES
+from service.stages import STAGES
 from service.settings import Settings
 
 GOAL = 0.95
@@ -50,7 +50,7 @@ class EngineLoop:
         ]
         spec = self.engines[0].manifest.input.spec
         rgb = decode_image(image, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels, min_side=settings.min_side)
-        self.batch_size = self.engines[0].batch_size or min(settings.max_batch_size, self.engines[0].manifest.max_batch_size)
+        self.batch_size = self.engines[0].manifest.images_per_call(settings.max_batch_size)
         self.batch, self.sizes = pad_batch(
             [prepare_image(rgb, spec)] * self.batch_size, spec.pad_divisor, batch_size=self.engines[0].batch_size
         )

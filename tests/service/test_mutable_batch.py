@@ -128,14 +128,14 @@ def test_engine_pool_runs_a_partial_batch_without_padding_to_max(engine):
 
     pool = EnginePool([Recording()])
     assert pool.batch_size is None
-    assert pool.max_batch_size(16) == 4, "capped at the manifest's max"
-    assert pool.max_batch_size(3) == 3
+    assert pool.manifest.images_per_call(16) == 4, "capped at the manifest's max"
+    assert pool.manifest.images_per_call(3) == 3
     # wide strips resize to 133x1333 (fast); both pad to 160x1344, so they batch together
     strips = [prepare_image(gradient(60, 600, seed=s), pool.input_spec) for s in (1, 2)]
     assert pool.padded_hw(strips[0]) == pool.padded_hw(strips[1])
 
     async def main():
-        async with Batcher(pool.infer, max_batch_size=pool.max_batch_size(16), max_wait_s=0.5, max_queue_depth=8,
+        async with Batcher(pool.infer, max_batch_size=pool.manifest.images_per_call(16), max_wait_s=0.5, max_queue_depth=8,
                            group_key=pool.padded_hw) as batcher:
             deadline = asyncio.get_running_loop().time() + 300
             return await asyncio.gather(*(batcher.submit(s, deadline) for s in strips))
