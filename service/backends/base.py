@@ -14,6 +14,7 @@ A runtime backend module provides:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,8 +24,15 @@ import numpy as np
 
 from service.manifest import Manifest
 
-INPUT_NAMES = ("images", "image_sizes")
-INPUT_DTYPES: Mapping[str, type[np.generic]] = {"images": np.float32, "image_sizes": np.int64}
+# The graph's inputs: the images, and which detections get a mask (docs/architecture.md). Graphs
+# exported before masks were selected take only IMAGE_INPUTS; the manifest's input names say which.
+INPUT_NAMES = ("images", "image_sizes", "mask_score_threshold", "mask_max_detections")
+IMAGE_INPUTS = INPUT_NAMES[:2]
+INPUT_DTYPES: Mapping[str, type[np.generic]] = {
+    "images": np.float32, "image_sizes": np.int64, "mask_score_threshold": np.float32, "mask_max_detections": np.int64,
+}
+# mask_max_detections when a caller sets no limit: every detection gets its mask
+NO_MASK_LIMIT = 2**31 - 1
 OUTPUT_NAMES = ("dets", "labels", "masks")
 OUTPUT_DTYPES: Mapping[str, type[np.generic]] = {"dets": np.float32, "labels": np.int64, "masks": np.float32}
 
@@ -51,12 +59,40 @@ class BuildFailed(RuntimeError):
     """The backend's compiler ran and could not produce an engine (its log says why)."""
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, else the machine's count): the one
-    place cores are counted, for default thread counts and the CPU facts of a measurement."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """CPU cores this process may use: its affinity mask (else the machine's count), capped by a
+    cgroup CPU quota rounded up (a container given 1.5 CPUs gets 2 threads, not the host's 64).
+
+    The one place cores are counted, for default thread counts and the CPU facts of a measurement.
+    The quota is read from ``cgroup_root``: cgroup v2 ``cpu.max`` (``"quota period"`` in
+    microseconds, ``"max ..."`` for none), else v1 ``cpu/cpu.cfs_quota_us`` over
+    ``cpu/cpu.cfs_period_us`` (quota ``-1`` for none).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs the cgroup quota at ``root`` allows (quota / period), or None without a quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        quota_us, period_us = int(quota), int(period)
+    except ValueError:  # v2 "max": no quota
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def canonical_precision(name: str) -> str:
@@ -98,10 +134,23 @@ def require_calibration(calibration: Iterable[dict[str, np.ndarray]] | None) -> 
     return feeds
 
 
-def input_feed(images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-    """The graph's inputs by name, C-contiguous in their contract dtypes."""
-    return {name: np.ascontiguousarray(array, dtype=INPUT_DTYPES[name])
-            for name, array in zip(INPUT_NAMES, (images, image_sizes))}
+def input_feed(
+    images: np.ndarray,
+    image_sizes: np.ndarray,
+    mask_score_threshold: np.ndarray | None = None,
+    mask_max_detections: np.ndarray | None = None,
+    names: Sequence[str] = INPUT_NAMES,
+) -> dict[str, np.ndarray]:
+    """The graph's inputs ``names`` (the manifest's ``input.names``), C-contiguous in their contract
+    dtypes. Without a mask selection every image's detections all get masks (threshold 0, no limit)."""
+    batch = len(images)
+    arrays = {
+        "images": images,
+        "image_sizes": image_sizes,
+        "mask_score_threshold": np.zeros(batch) if mask_score_threshold is None else mask_score_threshold,
+        "mask_max_detections": np.full(batch, NO_MASK_LIMIT) if mask_max_detections is None else mask_max_detections,
+    }
+    return {name: np.ascontiguousarray(arrays[name], dtype=INPUT_DTYPES[name]) for name in names}
 
 
 class Engine(Protocol):
@@ -114,8 +163,13 @@ class Engine(Protocol):
     def batch_size(self) -> int | None:
         """Fixed batch size of the graph, or None when the batch is mutable."""
 
-    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        """``images`` float32 [B,3,H,W], ``image_sizes`` int64 [B,2] -> ``dets``, ``labels``, ``masks``."""
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray, mask_score_threshold: np.ndarray | None = None,
+              mask_max_detections: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """``images`` float32 [B,3,H,W], ``image_sizes`` int64 [B,2] -> ``dets``, ``labels``, ``masks``.
+
+        ``mask_score_threshold`` float32 [B] and ``mask_max_detections`` int64 [B]: masks only for
+        the detections a request with those options gets back (None: for all); graphs built
+        before the selection existed ignore them."""
 
 
 class EngineBase:
@@ -141,8 +195,10 @@ class EngineBase:
     def _run(self, feed: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
         raise NotImplementedError
 
-    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
-        outputs = self._run(input_feed(images, image_sizes))
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray, mask_score_threshold: np.ndarray | None = None,
+              mask_max_detections: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        outputs = self._run(input_feed(images, image_sizes, mask_score_threshold, mask_max_detections,
+                                       names=self.manifest.input.names))
         if len(outputs) != len(OUTPUT_NAMES):
             raise BackendUnavailable(f"the engine returned {len(outputs)} outputs, expected {len(OUTPUT_NAMES)}")
         return {name: np.asarray(array).astype(OUTPUT_DTYPES[name], copy=False)

@@ -9,6 +9,7 @@ What a builder refuses before touching its library is tests/build_tools/test_bui
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from build_tools.images import list_images
 from build_tools.pipeline import calibration_feeds, compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import BackendUnavailable, backend_names, get_backend, load_engine
-from service.backends.base import OUTPUT_DTYPES, OUTPUT_NAMES, PRECISIONS
+from service.backends.base import OUTPUT_DTYPES, OUTPUT_NAMES, PRECISIONS, cpu_cores
 from service.manifest import Manifest
 
 NAMES = backend_names()
@@ -61,6 +62,22 @@ def test_unknown_backend_names_are_refused():
         get_builder("nope")
     with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
         get_backend("nope")
+
+
+@pytest.mark.parametrize("files, cap", [
+    ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 CPUs round up
+    ({"cpu.max": "100000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # v2 without a quota
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files: the affinity mask alone
+])
+def test_cpu_cores_honours_the_cgroup_quota_and_the_affinity_mask(tmp_path, files, cap):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_cores(tmp_path) == (affinity if cap is None else min(affinity, cap))
 
 
 @pytest.mark.parametrize("name", NAMES)
