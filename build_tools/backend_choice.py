@@ -1,30 +1,46 @@
-"""``--backend auto``: the backend measured fastest per precision, as data and the code that reads it.
+"""``--backend auto``: the fastest engine for this machine, measured at build time, and the
+fallback table for builds that do not measure.
 
-``backend_choice.json`` (next to this module) is written by ``scripts/bench/build.py --write-choice``
-from its measured rows with :func:`choose_backends` and :func:`write_backend_choice`, and read at
-build time by :func:`resolve_backend`. The policy: per precision, among the engines whose AP loss
-against eager fp32 is within :data:`AP_BOUNDS` (when AP was measured), the fastest backend wins;
-the others follow in order as its fallbacks.
+Measured (the default): every available backend offering the precision is compiled, each engine is
+timed on the same synthetic photo at the manifest's opt size (:func:`timing_input`; a warm-up, then
+interleaved rounds, median of each), and the fastest kept (:func:`choose_measured`). A reduced
+precision (bf16, int8) is a candidate only when labelled images (:class:`LabelledImages`, the
+build's ``--verify-ann``) can prove its AP loss against the fastest fp32 engine within
+:data:`AP_BOUNDS`; without them the choice stays fp32.
+
+Not measured (``--no-measure``): ``backend_choice.json`` (next to this module), written by
+``scripts/bench/build.py --write-choice`` from its measured rows with :func:`choose_backends` and
+:func:`write_backend_choice`, is read by :func:`resolve_backend`. Its policy: per precision, among
+the engines whose AP loss against eager fp32 is within :data:`AP_BOUNDS` (when AP was measured),
+the fastest backend wins; the others follow in order as its fallbacks.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from build_tools.errors import BuildError
+from build_tools.timing import time_calls
 from service.backends import (
     BackendUnavailable,
+    Engine,
     backend_names,
     canonical_precision,
     get_backend,
 )
 from service.backends.base import cpu_cores
+from service.manifest import BackendChoice, CandidateTiming, ChoiceMeasurement, Manifest
+from service.preprocess import pad_batch, prepare_image
 
 AUTO_BACKEND = "auto"
 BACKEND_CHOICE = Path(__file__).with_name("backend_choice.json")
@@ -37,20 +53,23 @@ AP_BOUNDS = {"fp16": 0.3, "bf16": 0.3, "int8": 1.0}
 ROW_FIELDS = ("backend", "precision", "median_s", "infer_median_s", "ratio_to_eager", "box_ap_delta_points",
               "mask_ap_delta_points", "gt_box_ap", "gt_mask_ap", "gt_box_ap_delta_points", "gt_mask_ap_delta_points",
               "skipped")
+# Timed calls of each candidate engine when measuring: after one untimed warm-up call each, three
+# interleaved rounds (the median of three survives one disturbed call on a shared machine). At
+# 800x1344 on 2 cores an fp32 call takes 1-3 s, so two candidates add about 10-25 s to a build.
+MEASURE_ROUNDS = 3
+MEASURE_WARMUP = 1
+# The precisions auto may lower to, fastest first in intent, when labelled images prove their AP.
+REDUCED_PRECISIONS = ("bf16", "int8")
 # CPU features that decide which backend's kernels are fast (VNNI/AMX for int8, BF16/AMX for bf16).
 _CPU_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
-class Measurement(BaseModel):
-    """How a table was measured: ``quality`` (``full``, or ``smoke`` with ``quality_reasons``),
-    ``date``, ``cpu`` (:func:`cpu_facts`); a written table adds what the benchmark knows (command,
-    threads, input size, bounds applied, notes, rows: extra fields, kept as written)."""
+class Measurement(ChoiceMeasurement):
+    """How a table was measured (:class:`~service.manifest.ChoiceMeasurement`); a written table adds
+    what the benchmark knows (command, threads, input size, bounds applied, notes, rows: extra
+    fields, kept as written)."""
 
     model_config = ConfigDict(extra="allow")
-
-    quality: str | None = None
-    date: str | None = None
-    cpu: dict[str, Any] = Field(default_factory=dict)
 
 
 class ChoiceEntry(BaseModel):
@@ -79,17 +98,6 @@ class ChoiceTable(BaseModel):
 
     measured: Measurement = Field(default_factory=Measurement)
     choice: dict[str, ChoiceEntry]
-
-
-class ChoiceRecord(BaseModel):
-    """How ``--backend auto`` chose, as the manifest's ``tools.backend_choice`` keeps it."""
-
-    requested: Literal["auto"] = "auto"
-    chosen: str
-    why: str
-    table: str = Field(description="the table read")
-    measured: Measurement = Field(description="the table's quality, date and cpu")
-    same_cpu_kind: bool = Field(description="the table was measured on this kind of CPU (:func:`same_cpu_kind`)")
 
 
 def cpu_facts() -> dict[str, Any]:
@@ -130,6 +138,15 @@ def ap_deltas(row: Mapping[str, Any]) -> tuple[float | None, float | None]:
     return row.get("box_ap_delta_points"), row.get("mask_ap_delta_points")
 
 
+def ap_within_bound(precision: str, box: float | None, mask: float | None,
+                    ap_bounds: Mapping[str, float] = AP_BOUNDS) -> bool:
+    """Whether box and mask AP losses (points; None: not measured) are within ``precision``'s bound;
+    a precision without a bound, or no measured loss, is within it."""
+    bound = ap_bounds.get(precision)
+    deltas = [d for d in (box, mask) if d is not None]
+    return bound is None or not deltas or max(deltas) <= bound
+
+
 def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, float] = AP_BOUNDS) -> Choices:
     """The backend choice per precision from measured rows.
 
@@ -157,11 +174,10 @@ def choose_backends(rows: Sequence[Mapping[str, Any]], ap_bounds: Mapping[str, f
         within, rejected = [], []
         for r in best.values():
             box, mask = ap_deltas(r)
-            deltas = [d for d in (box, mask) if d is not None]
-            if bound is not None and deltas and max(deltas) > bound:
-                rejected.append(f"{r['backend']} (AP delta box {box:.2f}/mask {mask:.2f} points > {bound})")
-            else:
+            if ap_within_bound(precision, box, mask, ap_bounds):
                 within.append(r)
+            else:
+                rejected.append(f"{r['backend']} (AP delta box {box:.2f}/mask {mask:.2f} points > {bound})")
         if rejected:
             notes.append(f"{precision}: left out {', '.join(rejected)}")
         if not within:
@@ -243,13 +259,14 @@ def load_backend_choice(path: str | Path | None = None) -> ChoiceTable:
 
 
 def resolve_backend(requested: str, precision: str,
-                    table_path: str | Path | None = None) -> tuple[str, ChoiceRecord | None]:
-    """(backend name, resolution record or None) for ``requested``, which may be ``auto``.
+                    table_path: str | Path | None = None) -> tuple[str, BackendChoice | None]:
+    """(backend name, resolution record or None) for ``requested``, which may be ``auto``: the
+    table's answer, for builds that do not measure (:func:`choose_measured` is the default).
 
     ``auto`` takes the table's choice for ``precision``; when that backend is not installed (or
     does not offer the precision) it falls back to the next one in the table's ranking, then in
     the registry, that is available and offers it. The record goes into the manifest's
-    ``tools.backend_choice``.
+    ``tools.backend_choice``; its ``why`` says so when the table was measured on another kind of CPU.
 
     Raises:
         BuildError: the table cannot be read, or no available backend offers ``precision``.
@@ -261,25 +278,11 @@ def resolve_backend(requested: str, precision: str,
     table = load_backend_choice(path)
     entry = table.choice.get(precision)
     order = [*([entry.backend, *entry.ranking] if entry else []), *backend_names()]
-    passed_over: list[str] = []
-    chosen = None
-    for name in dict.fromkeys(order):
-        try:
-            module = get_backend(name)
-        except BackendUnavailable:
-            passed_over.append(f"{name} is not a known backend")
-            continue
-        if precision not in module.PRECISIONS:
-            passed_over.append(f"{name} does not offer {precision}")
-            continue
-        ok, reason = module.available()
-        if not ok:
-            passed_over.append(f"{name} is not available ({reason})")
-            continue
-        chosen = name
-        break
-    if chosen is None:
+    available, passed = available_backends(precision, order)
+    passed_over = [f"{name} {reason}" for name, reason in passed.items()]
+    if not available:
         raise BuildError(f"--backend auto: no available backend offers {precision} ({'; '.join(passed_over)})")
+    chosen = available[0]
     if entry and chosen == entry.backend:
         why = entry.why
     elif entry:
@@ -288,11 +291,203 @@ def resolve_backend(requested: str, precision: str,
     else:
         why = (f"{path.name} has no measurement for {precision}; {chosen} is the first available backend "
                f"offering it" + (f" ({'; '.join(passed_over)})" if passed_over else ""))
+    here = cpu_facts()
+    same = same_cpu_kind(table.measured.cpu, here)
+    if not same:
+        why += (f"; note: {path} was measured on another kind of CPU ({describe_cpu(table.measured.cpu)}; this "
+                f"one: {describe_cpu(here)}), so {chosen} may not be the fastest here: build without --no-measure "
+                f"to measure on this machine")
     measured = table.measured
-    return chosen, ChoiceRecord(
-        chosen=chosen,
-        why=why,
-        table=str(path),
-        measured=Measurement(quality=measured.quality, date=measured.date, cpu=measured.cpu),
-        same_cpu_kind=same_cpu_kind(measured.cpu, cpu_facts()),
+    return chosen, BackendChoice(
+        chosen=chosen, precision=precision, why=why, how="table", cpu=here, table=str(path),
+        measured=ChoiceMeasurement(quality=measured.quality, date=measured.date, cpu=measured.cpu),
+        same_cpu_kind=same,
     )
+
+
+def available_backends(precision: str, order: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the backends of ``order`` (default: the registry's) that are available here and offer
+    ``precision``, in order; why each other one was passed over, by name: ``"is not available (...)"``)."""
+    available, passed_over = [], {}
+    for name in dict.fromkeys(order or backend_names()):
+        try:
+            module = get_backend(name)
+        except BackendUnavailable:
+            passed_over[name] = "is not a known backend"
+            continue
+        if precision not in module.PRECISIONS:
+            passed_over[name] = f"does not offer {precision}"
+            continue
+        ok, reason = module.available()
+        if not ok:
+            passed_over[name] = f"is not available ({reason})"
+            continue
+        available.append(name)
+    return available, passed_over
+
+
+Candidate = tuple[str, str]
+"""A candidate engine of a measured choice: (backend, precision)."""
+
+
+def synthetic_photo(hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """A photo-like RGB uint8 ``[h, w, 3]`` picture (seeded coarse colour noise, bicubically
+    enlarged: smooth regions and soft edges), the same for every candidate engine timed."""
+    import cv2
+
+    h, w = hw
+    coarse = np.random.default_rng(seed).integers(0, 256, (h // 32 + 2, w // 32 + 2, 3), dtype=np.uint8)
+    return cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def timing_input(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """The input every candidate is timed on: :func:`synthetic_photo` at the manifest's opt (H, W),
+    prepared as the service prepares it, ``images`` float32 ``[B, 3, H, W]`` and ``image_sizes``
+    int64 ``[B, 2]`` with B the graph's batch (1 when mutable)."""
+    spec = manifest.input.spec
+    prepared = prepare_image(synthetic_photo(manifest.shape_profile.opt_hw), spec)
+    batch = manifest.batch_size or 1
+    return pad_batch([prepared] * batch, spec.pad_divisor, batch_size=batch)
+
+
+@dataclass
+class LabelledImages:
+    """``--verify-ann``: a COCO annotation file and the folder of its images (``file_name``
+    relative to it), on which a reduced precision must keep its AP within :data:`AP_BOUNDS` of the
+    fastest fp32 engine to be chosen. At most ``limit`` images (by id) are used."""
+
+    annotations: Path
+    images_dir: Path
+    limit: int | None = None
+    _loaded: tuple[Any, list[int], list[np.ndarray]] | None = field(default=None, init=False, repr=False)
+
+    def _load(self) -> tuple[Any, list[int], list[np.ndarray]]:
+        if self._loaded is None:
+            from build_tools.coco_eval import load_coco
+            from build_tools.images import read_rgb
+
+            try:
+                coco = load_coco(self.annotations)
+            except (OSError, ValueError, KeyError) as exc:
+                raise BuildError(f"--verify-ann {self.annotations} cannot be read as a COCO annotation file "
+                                 f"({exc!r})") from exc
+            ids = sorted(coco.getImgIds())[: self.limit or None]
+            if not ids:
+                raise BuildError(f"--verify-ann {self.annotations} lists no images")
+            self._loaded = coco, ids, [read_rgb(self.images_dir / coco.imgs[i]["file_name"]) for i in ids]
+        return self._loaded
+
+    @property
+    def count(self) -> int:
+        return len(self._load()[1])
+
+    def ap_points(self, engine: Engine) -> tuple[float, float]:
+        """pycocotools box and mask AP (x100) of ``engine``'s detections (its manifest's host
+        preprocess and paste rule) on these images."""
+        from build_tools.coco_eval import evaluate
+        from build_tools.verify import run_detections
+        from service.response import coco_body
+
+        coco, ids, rgbs = self._load()
+        manifest = engine.manifest
+        spec = manifest.input.spec
+        prepared = [prepare_image(rgb, spec) for rgb in rgbs]
+        detections, _ = run_detections(engine.infer, prepared, batch_size=manifest.batch_size or 1,
+                                       divisor=spec.pad_divisor, mask_threshold=manifest.postprocess.mask_threshold,
+                                       paste=manifest.postprocess.paste, warmup=0)
+        category_ids = [c.id for c in sorted(manifest.classes, key=lambda c: c.index)]
+        results = []
+        for image_id, det in zip(ids, detections):
+            results += coco_body(det.boxes.tolist(), det.scores.tolist(), [category_ids[i] for i in det.labels],
+                                 det.rles, image_id)
+        scores = evaluate(coco, results, ids)
+        return 100 * scores["bbox"]["AP"], 100 * scores["segm"]["AP"]
+
+
+def time_engines(engines: Mapping[Candidate, Engine], rounds: int = MEASURE_ROUNDS,
+                 warmup: int = MEASURE_WARMUP) -> dict[Candidate, list[float]]:
+    """Wall seconds of each engine's calls on :func:`timing_input` of its manifest: ``warmup``
+    untimed rounds, then ``rounds`` timed ones, the engines taking turns (``alternate``)."""
+    feeds = {key: timing_input(engine.manifest) for key, engine in engines.items()}
+    return time_calls({key: partial(engine.infer, *feeds[key]) for key, engine in engines.items()},
+                      rounds, warmup, alternate=True)
+
+
+def choose_measured(
+    engines: Mapping[Candidate, Engine],
+    precision: str,
+    *,
+    labelled: LabelledImages | None = None,
+    rounds: int = MEASURE_ROUNDS,
+    warmup: int = MEASURE_WARMUP,
+    passed_over: Mapping[str, str] | None = None,
+    ap_bounds: Mapping[str, float] = AP_BOUNDS,
+) -> tuple[Candidate, BackendChoice]:
+    """Time ``engines`` (:func:`time_engines`) and choose: the fastest at ``precision``, unless a
+    faster candidate at another (reduced) precision keeps its box and mask AP on ``labelled`` within
+    its :data:`AP_BOUNDS` of that engine's (the fastest such, judged fastest first). Without
+    ``labelled`` only ``precision`` candidates are chosen from.
+
+    ``passed_over`` says why other candidates were not built (by name, :func:`available_backends`).
+
+    Returns:
+        the chosen candidate and the record of the choice (``tools.backend_choice``): every
+        candidate's times, the CPU, the input size, and why, with the median seconds.
+
+    Raises:
+        BuildError: no engine at ``precision``.
+    """
+    baseline = [key for key in engines if key[1] == precision]
+    if not baseline:
+        why_not = "; ".join(f"{name} {reason}" for name, reason in (passed_over or {}).items())
+        raise BuildError(f"--backend auto: no available backend offers {precision} ({why_not})")
+    seconds = time_engines(engines, rounds, warmup) if len(engines) > 1 else {}
+    medians = {key: statistics.median(s) for key, s in seconds.items()}
+    by_speed = sorted(engines, key=lambda key: medians.get(key, 0.0))
+    fastest = next(key for key in by_speed if key[1] == precision)
+    chosen = fastest
+    deltas: dict[Candidate, tuple[float, float]] = {}
+    verdicts: list[str] = []
+    faster_reduced = [key for key in by_speed if key[1] != precision and medians[key] < medians[fastest]]
+    if faster_reduced and labelled is None:
+        verdicts.append(f"{_name(faster_reduced[0])} is faster but reduced precision needs labelled images "
+                        "(--verify-ann) to prove its AP")
+    elif faster_reduced:
+        reference = labelled.ap_points(engines[fastest])
+        for key in faster_reduced:
+            ap = labelled.ap_points(engines[key])
+            box, mask = deltas[key] = (reference[0] - ap[0], reference[1] - ap[1])
+            bound = ap_bounds.get(key[1])
+            judged = (f"{_name(key)} loses box {box:.2f}/mask {mask:.2f} AP points against {_name(fastest)} on "
+                      f"{labelled.count} labelled image(s), bound {bound}")
+            if ap_within_bound(key[1], box, mask, ap_bounds):
+                chosen = key
+                verdicts.append(f"{judged}: within it")
+                break
+            verdicts.append(f"{judged}: left out")
+    here = cpu_facts()
+    times = ", ".join(f"{_name(key)} {medians[key]:.3f} s" for key in by_speed)
+    opt_hw = engines[fastest].manifest.shape_profile.opt_hw
+    if seconds:
+        why = (f"fastest measured on this CPU ({describe_cpu(here)}), median of {rounds} interleaved call(s) after "
+               f"{warmup} warm-up at {opt_hw[0]}x{opt_hw[1]}: {times}")
+    else:
+        why = f"the only available backend offering {precision}, not timed"
+    why += "".join(f"; {v}" for v in verdicts)
+    if passed_over:  # names only: the reasons of an absent GPU stack are long, and the same on every CPU build
+        why += f"; not candidates here: {', '.join(passed_over)}"
+    candidates = [
+        CandidateTiming(backend=key[0], precision=key[1], median_s=medians[key], seconds=seconds[key],
+                        box_ap_delta_points=deltas.get(key, (None, None))[0],
+                        mask_ap_delta_points=deltas.get(key, (None, None))[1])
+        for key in by_speed if key in seconds
+    ]
+    return chosen, BackendChoice(
+        chosen=chosen[0], precision=chosen[1], why=why, how="measured", cpu=here, input_hw=opt_hw,
+        rounds=rounds, warmup=warmup, candidates=candidates,
+        ap_images=labelled.count if deltas else None,
+    )
+
+
+def _name(key: Candidate) -> str:
+    return f"{key[0]} {key[1]}"

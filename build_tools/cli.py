@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, cpu_facts, describe_cpu, resolve_backend
+from build_tools.backend_choice import AUTO_BACKEND, BACKEND_CHOICE, MEASURE_ROUNDS, LabelledImages
 from build_tools.backends.onnxruntime import ACTIVATION_RANGES
 from build_tools.checkpoint import (
     CHECKPOINT_CACHE,
@@ -64,11 +65,21 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 def _add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=[*backend_names(), AUTO_BACKEND],
-                   help="engine backend (default onnxruntime); auto: the one measured fastest for each precision on "
-                        "this kind of CPU, from --backend-choice")
+                   help="engine backend (default onnxruntime); auto: compile every available backend, time each "
+                        "on this machine (a synthetic photo at the engine's opt size, %d interleaved calls after a "
+                        "warm-up, median) and keep the fastest; fp32 unless --verify-ann proves a reduced "
+                        "precision's AP" % MEASURE_ROUNDS)
+    p.add_argument("--no-measure", action="store_true",
+                   help="--backend auto: read the fastest backend per precision from --backend-choice (measured on "
+                        "another machine) instead of measuring here")
     p.add_argument("--backend-choice", default=str(BACKEND_CHOICE), metavar="JSON",
-                   help="the table --backend auto reads (default build_tools/backend_choice.json, written by "
-                        "scripts/bench/build.py --write-choice)")
+                   help="the table --backend auto --no-measure reads (default build_tools/backend_choice.json, "
+                        "written by scripts/bench/build.py --write-choice)")
+    p.add_argument("--verify-ann", metavar="ANN_JSON", default=None,
+                   help="--backend auto without --precision: a COCO annotation file of labelled images (file_name "
+                        "relative to --verify-images, else to the file's folder; at most --verify-count); bf16 and "
+                        "int8 (with --calib-images) candidates are then built too, and one is kept when faster and "
+                        "its box and mask AP there stay within its bound of the fastest fp32 engine's")
     p.add_argument("--precision", action="append", type=_precision_list, default=None, metavar="P[,P...]",
                    help=f"fp32 (default), bf16, int8, ... or the seed's aliases ({', '.join(PRECISION_ALIASES)}); "
                         "repeat or give a comma list to build one artifact per precision, in OUT/<backend>-<precision>")
@@ -152,7 +163,24 @@ def _compile(args: argparse.Namespace, export_dir: Path, precision: str, out: Pa
         threads=args.threads,
         choice_table=args.backend_choice,
         backend_options=_backend_options(args),
+        measure_rounds=0 if args.no_measure else MEASURE_ROUNDS,
+        labelled=_labelled(args),
     )
+
+
+def _labelled(args: argparse.Namespace) -> LabelledImages | None:
+    """``--verify-ann``'s labelled images, which let ``--backend auto`` lower the precision.
+
+    Raises:
+        BuildError: given without ``--backend auto``, with ``--no-measure``, or with ``--precision``.
+    """
+    if args.verify_ann is None:
+        return None
+    if args.backend != AUTO_BACKEND or args.no_measure or args.precision is not None:
+        raise BuildError("--verify-ann lets --backend auto (measuring) choose a reduced precision: use it with "
+                         "--backend auto, without --no-measure or --precision")
+    annotations = Path(args.verify_ann)
+    return LabelledImages(annotations, Path(args.verify_images or annotations.parent), args.verify_count)
 
 
 def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
@@ -171,8 +199,8 @@ def _summary(manifest: Manifest, out: str | Path) -> str:
     lines = [f"engine artifact: {out}", f"  backend {manifest.backend}, precision {manifest.precision}, "
              f"batch {manifest.shape_profile.batch.model_dump(exclude_none=True)}, origin {manifest.origin}"]
     choice = manifest.tools.backend_choice
-    if choice:
-        lines.append(f"  backend auto -> {choice['chosen']}: {choice['why']}")
+    if choice is not None:
+        lines.append(f"  backend auto -> {choice.chosen} {manifest.precision}: {choice.why}")
     if manifest.parity:
         p = manifest.parity
         lines.append(
@@ -256,16 +284,13 @@ def _build(args: argparse.Namespace, export_dir: Path) -> int:
     for precision in precisions:
         backend = args.backend
         try:
-            backend, choice = resolve_backend(args.backend, precision, args.backend_choice)
             out = Path(args.out) / f"{backend}-{precision}" if several else Path(args.out)
-            how = f" (--backend auto: {choice.why})" if choice else ""
-            print(f"compiling for {backend} {precision}{how} -> {out} ...", file=sys.stderr)
-            if choice and not choice.same_cpu_kind:
-                print(f"maskrcnn-build: note: {choice.table} was measured on another kind of CPU "
-                      f"({describe_cpu(choice.measured.cpu)}; this one: {describe_cpu(cpu_facts())}), so "
-                      f"{backend} may not be the fastest here: remeasure with `python -m scripts.bench.build ... "
-                      f"--write-choice FILE` and pass --backend-choice FILE", file=sys.stderr)
+            print(f"compiling for {backend} {precision} -> {out} ...", file=sys.stderr)
             manifest = _compile(args, export_dir, precision, out)
+            if several and backend == AUTO_BACKEND:  # named by what was chosen, as a named backend's are
+                chosen = out.with_name(f"{manifest.backend}-{manifest.precision}")
+                shutil.rmtree(chosen, ignore_errors=True)
+                out = out.rename(chosen)
         except (BuildError, BackendUnavailable, BuildFailed, UnsupportedPrecision, FileNotFoundError) as exc:
             if not several:
                 raise

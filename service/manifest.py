@@ -52,7 +52,10 @@ class InputSection(_Section):
     color: Literal["RGB"] = "RGB"
     normalized_in_graph: Literal[False] = False
     pad_value: Literal[0.0] = 0.0
-    names: tuple[str, str] = ("images", "image_sizes")
+    names: tuple[str, ...] = Field(
+        ("images", "image_sizes"),
+        description="the graph's inputs: images and image_sizes, then (graphs that compute masks only for the "
+        "detections returned) mask_score_threshold and mask_max_detections")
     image_sizes: str = "int64 [B, 2]: (h, w) of each image's valid region"
 
     @model_validator(mode="after")
@@ -166,6 +169,49 @@ class CheckpointInfo(_Section):
     random_init_seed: int | None = None
 
 
+class ChoiceMeasurement(_Section):
+    """How a backend-choice table was measured: ``quality`` (``full`` or ``smoke``), ``date``,
+    ``cpu`` (model, machine, cores, instruction-set flags)."""
+
+    quality: str | None = None
+    date: str | None = None
+    cpu: dict[str, Any] = Field(default_factory=dict)
+
+
+class CandidateTiming(_Section):
+    """One candidate engine ``--backend auto`` compiled and timed on the build machine."""
+
+    backend: str
+    precision: str
+    median_s: float = Field(description="median wall seconds of one engine call at the choice's input_hw")
+    seconds: list[float] = Field(description="every timed call, seconds, in round order")
+    box_ap_delta_points: float | None = Field(None, description="box AP points lost against the fastest fp32 "
+                                              "engine on the labelled images (None: not judged)")
+    mask_ap_delta_points: float | None = None
+
+
+class BackendChoice(_Section):
+    """How ``--backend auto`` chose the engine: ``how="measured"`` compiled and timed every available
+    candidate on the build machine (``cpu``, ``input_hw``, ``rounds`` after ``warmup``, the
+    ``candidates`` and, where a reduced precision was judged, ``ap_images`` labelled images);
+    ``how="table"`` read a table measured elsewhere (``table``, its ``measured``, ``same_cpu_kind``)."""
+
+    requested: Literal["auto"] = "auto"
+    chosen: str = Field(description="the backend built")
+    precision: str | None = None
+    why: str
+    how: Literal["measured", "table"] = "table"
+    cpu: dict[str, Any] = Field(default_factory=dict, description="the build machine's CPU")
+    input_hw: HW | None = None
+    rounds: int | None = None
+    warmup: int | None = None
+    candidates: list[CandidateTiming] = Field(default_factory=list)
+    ap_images: int | None = None
+    table: str | None = None
+    measured: ChoiceMeasurement | None = None
+    same_cpu_kind: bool | None = None
+
+
 class ToolsSection(BaseModel):
     """Tool versions (extra fields: ``python``, ``torch``, ``onnxruntime``, ...), the ONNX opset,
     the backend's build facts (backend-specific keys) and, with ``--backend auto``, how it was chosen."""
@@ -174,7 +220,7 @@ class ToolsSection(BaseModel):
 
     opset: int | None = None
     backend: dict[str, Any] = Field(default_factory=dict)
-    backend_choice: dict[str, Any] | None = None
+    backend_choice: BackendChoice | None = None
 
 
 class Calibration(_Section):

@@ -1,5 +1,6 @@
 """The precision report of a build (AP points lost and time per image against eager fp32),
-``--backend auto`` through build_tools/backend_choice.json, several precisions per ``all``, and
+``--backend auto`` measured on this machine or (``--no-measure``) read from
+build_tools/backend_choice.json, several precisions per ``all``, and
 the per backend/precision table of scripts/bench/build.py. Real exports and engines throughout
 (the cached random-init R50-FPN of tests/conftest.py)."""
 
@@ -14,7 +15,7 @@ import pytest
 from conftest import ROOT, openvino_has_bf16
 
 from build_tools import cli
-from build_tools.backend_choice import BACKEND_CHOICE, resolve_backend
+from build_tools.backend_choice import BACKEND_CHOICE, MEASURE_WARMUP, resolve_backend
 from build_tools.errors import BuildError
 from build_tools.pipeline import compile_step
 from service.backends import backend_names, get_backend
@@ -43,6 +44,36 @@ def test_fp32_manifest_records_timing_and_ap_delta(engine_dir):
     assert 0 <= delta.box <= 5 and 0 <= delta.mask <= 5
 
 
+@pytest.mark.skipif(not OPENVINO_OK, reason=f"needs two fp32 backends: {OPENVINO_WHY}")
+def test_backend_auto_measures_the_fp32_engines_here_and_keeps_the_fastest(export_dir, tmp_path, capsys):
+    manifest = compile_step(export_dir, tmp_path / "eng", backend="auto", run_verify=False, measure_rounds=2)
+    choice = manifest.tools.backend_choice
+    assert choice.how == "measured" and choice.requested == "auto" and choice.rounds == 2
+    assert choice.warmup == MEASURE_WARMUP and choice.input_hw == manifest.shape_profile.opt_hw
+    assert choice.cpu["cores"] >= 1 and choice.cpu["model"]
+    timed = {(c.backend, c.precision): c for c in choice.candidates}
+    # without labelled images only fp32 engines are candidates: reduced precision is never chosen
+    assert set(timed) == {("onnxruntime", "fp32"), ("openvino", "fp32")} and choice.ap_images is None
+    for c in timed.values():
+        assert len(c.seconds) == 2 and all(s > 0 for s in c.seconds)
+        assert c.median_s == pytest.approx(sum(c.seconds) / 2)
+        assert c.box_ap_delta_points is None
+        assert f"{c.backend} fp32 {c.median_s:.3f} s" in choice.why  # why names every measured time
+    fastest = min(timed.values(), key=lambda c: c.median_s)
+    assert (manifest.backend, manifest.precision) == (fastest.backend, "fp32") == (choice.chosen, choice.precision)
+    assert choice.why.startswith("fastest measured on this CPU (") and "tensorrt" in choice.why
+    assert f"--backend auto chose {fastest.backend} fp32: fastest measured" in capsys.readouterr().err
+    assert Manifest.load(tmp_path / "eng").tools.backend_choice == choice  # the record survives a reload
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]  # the other candidate's folder is gone
+
+
+def test_verify_ann_is_refused_where_it_cannot_lower_the_precision(export_dir, tmp_path, capsys):
+    code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "onnxruntime",
+                     "--verify-ann", str(tmp_path / "ann.json"), "--no-verify"])
+    assert code == 2 and "--verify-ann lets --backend auto" in capsys.readouterr().err
+    assert not (tmp_path / "eng").exists()
+
+
 def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
     table = write_table(tmp_path / "choice.json", {
         "fp32": {"backend": "onnxruntime", "why": "onnxruntime 0.61x eager < openvino 0.70x eager"},
@@ -52,7 +83,7 @@ def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
     name, record = resolve_backend("auto", "force_float32", table)
     assert name == "onnxruntime"
     assert record.requested == "auto" and record.chosen == "onnxruntime"
-    assert record.why == "onnxruntime 0.61x eager < openvino 0.70x eager"
+    assert record.why.startswith("onnxruntime 0.61x eager < openvino 0.70x eager; note: ")
     assert record.measured.quality == "test"
     if OPENVINO_OK:
         assert resolve_backend("auto", "bf16", table)[0] == "openvino"
@@ -60,18 +91,21 @@ def test_backend_auto_resolves_through_the_table(export_dir, tmp_path, capsys):
     name, record = resolve_backend("auto", "int8", table)
     assert name == "onnxruntime" and "no measurement for int8" in record.why
 
-    code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "auto",
+    code = cli.main(["compile", str(export_dir), "--out", str(tmp_path / "eng"), "--backend", "auto", "--no-measure",
                      "--backend-choice", table, "--no-verify"])
     printed = capsys.readouterr()
     out = printed.out
     assert code == 0
     # the table's CPU ({}: unknown) is not this one: the choice is followed, with a note saying so
+    assert "--backend auto chose onnxruntime fp32: onnxruntime 0.61x eager" in printed.err
     assert "was measured on another kind of CPU (unknown CPU; this one: " in printed.err
     manifest = Manifest.load(tmp_path / "eng")  # one precision: the folder named by --out, as before
+    choice = manifest.tools.backend_choice
     assert manifest.backend == "onnxruntime"
-    assert manifest.tools.backend_choice["requested"] == "auto"
-    assert manifest.tools.backend_choice["chosen"] == "onnxruntime"
-    assert "0.61x eager" in manifest.tools.backend_choice["why"]
+    assert (choice.requested, choice.how, choice.chosen, choice.same_cpu_kind) == ("auto", "table", "onnxruntime", False)
+    assert choice.table == table and choice.measured.quality == "test" and not choice.candidates
+    assert "0.61x eager" in choice.why
+    assert "backend auto -> onnxruntime fp32: onnxruntime 0.61x eager" in out
     assert "report: onnxruntime fp32: not verified" in out
 
 
@@ -82,10 +116,10 @@ def test_backend_auto_falls_back_when_the_chosen_backend_is_missing(export_dir, 
     })
     monkeypatch.setattr(openvino, "available", lambda: (False, "openvino is not installed (test)"))
     manifest = compile_step(export_dir, tmp_path / "eng", backend="auto", precision="fp32", run_verify=False,
-                            choice_table=table)
+                            choice_table=table, measure_rounds=0)
     choice = manifest.tools.backend_choice
-    assert manifest.backend == "onnxruntime" and choice["chosen"] == "onnxruntime"
-    assert "fell back to onnxruntime" in choice["why"] and "openvino is not available" in choice["why"]
+    assert manifest.backend == "onnxruntime" and choice.chosen == "onnxruntime"
+    assert "fell back to onnxruntime" in choice.why and "openvino is not available" in choice.why
     assert Manifest.load(tmp_path / "eng").tools.backend_choice == choice
     others = [n for n in backend_names() if n != "openvino" and "bf16" in get_backend(n).PRECISIONS
               and get_backend(n).available()[0]]
@@ -134,13 +168,13 @@ def test_all_with_two_precisions_writes_two_artifacts_and_a_table(photos, tmp_pa
     })
     out = tmp_path / "out"
     code = cli.main(["all", "--random-init", "--score-threshold", "0", "--out", str(out), "--backend", "auto",
-                     "--backend-choice", table, "--precision", "fp32", "--precision", "bf16",
+                     "--no-measure", "--backend-choice", table, "--precision", "fp32", "--precision", "bf16",
                      "--verify-images", str(photos), "--verify-count", "1", "--allow-parity-failure"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     ort, ov = Manifest.load(out / "onnxruntime-fp32"), Manifest.load(out / "openvino-bf16")
     assert (ort.backend, ort.precision, ov.backend, ov.precision) == ("onnxruntime", "fp32", "openvino", "bf16")
-    assert ort.tools.backend_choice["chosen"] == "onnxruntime" and ov.tools.backend_choice["chosen"] == "openvino"
+    assert ort.tools.backend_choice.chosen == "onnxruntime" and ov.tools.backend_choice.chosen == "openvino"
     for manifest in (ort, ov):
         assert manifest.parity.timing.engine_s_per_image > 0
         assert manifest.parity.ap_delta_points.box is not None
