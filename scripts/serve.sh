@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: serve Mask R-CNN on the embedded ONNX Runtime (CPU, fp32) engine.
+# The main job: serve Mask R-CNN on this machine's fastest fp32 engine.
 #
-# Uses ENGINE (default artifacts/ort-fp32); builds it first when missing, from CHECKPOINT when
+# Uses ENGINE (default artifacts/auto-fp32); builds it first when missing with `--backend auto`,
+# which compiles every available fp32 backend (ONNX Runtime, OpenVINO), times each here and keeps
+# the fastest (the build's stderr says which, with the times), from CHECKPOINT when
 # given (a file or a published name; `maskrcnn-build fetch --help` lists them), else from the
 # official mask_rcnn_r50_fpn_1x_coco (downloaded once, sha256-checked). Where that cannot be
 # downloaded (offline) it says so in one line and builds from the demo model at
@@ -9,7 +11,7 @@
 # works but detects nothing meaningful). Extra arguments go to maskrcnn-serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ENGINE=${ENGINE:-artifacts/ort-fp32}
+ENGINE=${ENGINE:-artifacts/auto-fp32}
 OFFICIAL=mask_rcnn_r50_fpn_1x_coco
 DEMO=.cache/demo/demo_mask_rcnn.pth
 if [ ! -f "$ENGINE/manifest.json" ]; then
@@ -22,6 +24,6 @@ if [ ! -f "$ENGINE/manifest.json" ]; then
     echo "serve.sh: cannot download $OFFICIAL (offline?) and no demo model at $DEMO: building a random-init engine (detections are meaningless)" >&2
     source_args=(--random-init)
   fi
-  .venv/bin/maskrcnn-build all "${source_args[@]}" --backend onnxruntime --precision fp32 --out "$ENGINE"
+  .venv/bin/maskrcnn-build all "${source_args[@]}" --backend auto --precision fp32 --out "$ENGINE"
 fi
 exec .venv/bin/maskrcnn-serve --engine "$ENGINE" "$@"
