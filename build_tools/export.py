@@ -1,7 +1,8 @@
 """ONNX export of ``MaskRCNN`` (TorchScript exporter, opset 17).
 
-Graph contract (docs/architecture.md): inputs ``images [B,3,H,W]`` float32 and ``image_sizes
-[B,2]`` int64, outputs ``dets [B,N,5]``, ``labels [B,N]``, ``masks [B,N,28,28]``; H and W dynamic,
+Graph contract (docs/architecture.md): inputs ``images [B,3,H,W]`` float32, ``image_sizes
+[B,2]`` int64, ``mask_score_threshold [B]`` float32 and ``mask_max_detections [B]`` int64 (which
+detections get a mask: those the request will get back), outputs ``dets [B,N,5]``, ``labels [B,N]``, ``masks [B,N,28,28]``; H and W dynamic,
 B fixed, or dynamic (1..max) with ``shape_mutable``. Both come from the same traced code: the model's
 inference path has no per-image Python loop (``build_tools.model``), so the graph is the same and
 only the batch axis is declared fixed or dynamic. Masks stay per-box 28x28: pasting full-image masks
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from build_tools.errors import BuildError
 from build_tools.model import InferenceConfig, MaskRCNN
-from service.backends.base import INPUT_NAMES, OUTPUT_NAMES
+from service.backends.base import IMAGE_INPUTS, INPUT_NAMES, OUTPUT_NAMES
 from service.manifest import CheckpointInfo, ClassEntry
 
 OPSET = 17
@@ -44,6 +45,7 @@ class ExportInfo(BaseModel):
         opset: ONNX opset of the graph.
         onnx_sha256: sha256 (hex) of ``model.onnx``.
         tools: versions of the tools that exported it (``python``, ``torch``, ``onnx``, ...).
+        inputs: the graph's input names (``service.backends.base.INPUT_NAMES``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -56,6 +58,8 @@ class ExportInfo(BaseModel):
     opset: int
     onnx_sha256: str
     tools: dict[str, str]
+    # exports from before the mask selection inputs take the images only
+    inputs: tuple[str, ...] = IMAGE_INPUTS
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / EXPORT_INFO
@@ -108,13 +112,16 @@ def export_onnx(
     # a little structure so every branch (RPN top-k, NMS, mask head) sees non-empty tensors
     images[:, :, h // 4: h // 2, w // 4: w // 2] = 1.5
     image_sizes = torch.tensor([[h, w]] * traced_batch, dtype=torch.int64)
+    # a threshold and a limit that leave some rows without a mask, so the selection is traced
+    mask_score_threshold = torch.full((traced_batch,), 0.05)
+    mask_max_detections = torch.full((traced_batch,), 50, dtype=torch.int64)
     dynamic_axes = {
         "images": {2: "height", 3: "width"},
     }
     if shape_mutable:
         dynamic_axes = {
             "images": {0: "batch", 2: "height", 3: "width"},
-            "image_sizes": {0: "batch"},
+            **{name: {0: "batch"} for name in INPUT_NAMES[1:]},
             **{name: {0: "batch"} for name in OUTPUT_NAMES},
         }
     model = model.eval()
@@ -124,7 +131,7 @@ def export_onnx(
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (images, image_sizes),
+            (images, image_sizes, mask_score_threshold, mask_max_detections),
             str(path),
             dynamo=False,
             opset_version=OPSET,

@@ -9,10 +9,16 @@ and width per group the config records (R-50, R-101, X-101 32x4d / 64x4d), in py
 (stride on the 3x3 conv) or caffe style (stride on the first 1x1 conv). The class count and the
 label -> class mapping are the config's too (``build_tools.classes.label_layout``).
 
-``MaskRCNN.forward(images, image_sizes)`` is the exported graph and the eager reference at once:
+``MaskRCNN.forward(images, image_sizes, mask_score_threshold, mask_max_detections)`` is the exported
+graph and the eager reference at once:
 
 - ``images``: float32 ``[B, 3, H, W]``, normalised RGB, padded (see ``service.preprocess``).
 - ``image_sizes``: int64 ``[B, 2]``, ``(h, w)`` of each image's valid region; boxes are clipped to it.
+- ``mask_score_threshold`` float32 ``[B]`` and ``mask_max_detections`` int64 ``[B]`` (optional in
+  eager use): which detections get a mask, per image. The mask head runs only on the rows the host
+  will return for a request with that score threshold and max detections (``service.postprocess.
+  select_valid``: label >= 0, score >= threshold, the first ``max_detections`` of those by score,
+  ties in row order); the other rows' masks are zero. Omitted, every detection gets its mask.
 - returns ``dets`` float32 ``[B, N, 5]`` (x1, y1, x2, y2, score in input pixels), ``labels`` int64
   ``[B, N]`` (class index 0..C-1 of the manifest's class table, -1 for padding) and ``masks`` float32 ``[B, N, 28, 28]`` (mask
   probability of the predicted class, in the box frame), N = ``detections_per_img``, rows sorted by
@@ -274,6 +280,19 @@ def rank_within_image(image: Tensor, image_ids: Tensor) -> Tensor:
     return (onehot.cumsum(0) * onehot).sum(1) - 1
 
 
+def rows_returned(image: Tensor, scores: Tensor, classes: Tensor, score_threshold: Tensor,
+                  max_detections: Tensor) -> Tensor:
+    """Which detections the host returns (bool ``[D]``): ``classes >= 0`` and ``scores >=
+    score_threshold[image]``, and among those of its image the first ``max_detections[image]`` by
+    score, ties broken by row order, exactly as ``service.postprocess.select_valid``'s stable sort
+    of the image's rows (which are these rows in this order)."""
+    candidate = (classes >= 0) & (scores >= score_threshold[image])
+    row = torch.arange(scores.shape[0], device=scores.device)
+    ahead = (image[:, None] == image[None, :]) & candidate[None, :] & (
+        (scores[None, :] > scores[:, None]) | ((scores[None, :] == scores[:, None]) & (row[None, :] < row[:, None])))
+    return candidate & (ahead.sum(1) < max_detections[image])
+
+
 def scatter_rows(out: Tensor, index: Tensor, rows: Tensor) -> Tensor:
     """``out`` with ``out[index[i]] = rows[i]`` (one ScatterND when exported)."""
     out = out.clone()
@@ -446,14 +465,16 @@ class DetectionHeads(RoIHeads):
 
     def detect_padded(
         self, features: dict[str, Tensor], image: Tensor, proposals: Tensor, rank: Tensor, image_sizes: Tensor,
-        slots_per_image: int,
+        slots_per_image: int, mask_selection: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Detections of all images at once, padded: ``dets [B, N, 5]``, ``labels [B, N]`` (output
         class index, -1 = padding), ``masks [B, N, 28, 28]``, N = ``detections_per_img``; each
-        image's rows at ``image * N + rank`` (rank = position by score within the image)."""
+        image's rows at ``image * N + rank`` (rank = position by score within the image).
+        ``mask_selection``: ``(score_threshold [B], max_detections [B])`` of :func:`rows_returned`,
+        or None for a mask on every row."""
         num_images = image_sizes.shape[0]
         det_image, det_boxes, det_scores, det_labels, probs = self.detections(
-            features, image, proposals, rank, image_sizes, slots_per_image)
+            features, image, proposals, rank, image_sizes, slots_per_image, mask_selection)
         n = self.detections_per_img
         mask_hw = tuple(int(v) for v in probs.shape[1:])  # 28 x 28 by architecture: static in the graph
         out = det_image * n + rank_within_image(det_image, torch.arange(num_images, device=image.device))
@@ -465,7 +486,7 @@ class DetectionHeads(RoIHeads):
 
     def detections(
         self, features: dict[str, Tensor], image: Tensor, proposals: Tensor, rank: Tensor, image_sizes: Tensor,
-        slots_per_image: int,
+        slots_per_image: int, mask_selection: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Box head, per-image class-aware NMS and mask head for the proposals of all images.
 
@@ -474,7 +495,9 @@ class DetectionHeads(RoIHeads):
         candidates are laid out densely as ``[B, slots_per_image * classes]`` (unused slots invalid)
         for the per-image NMS, in the order the per-image code had them, so ties break the same way.
         Returns ``(image [D], boxes [D, 4], scores [D], internal labels [D], mask probabilities
-        [D, 28, 28])``, at most ``detections_per_img`` per image, each image's by decreasing score.
+        [D, 28, 28])``, at most ``detections_per_img`` per image, each image's by decreasing score;
+        with ``mask_selection`` (see :meth:`detect_padded`) the mask head runs only on the rows
+        :func:`rows_returned` selects, and the others' masks are zero.
         """
         num_images = image_sizes.shape[0]
         rois = torch.cat((image.to(proposals.dtype)[:, None], proposals), dim=1)
@@ -502,10 +525,22 @@ class DetectionHeads(RoIHeads):
         det_scores = dense_scores.reshape(-1)[flat]
         det_labels = labels.reshape(-1)[flat]
 
-        mask_rois = torch.cat((det_image.to(det_boxes.dtype)[:, None], det_boxes), dim=1)
+        if mask_selection is None:
+            return det_image, det_boxes, det_scores, det_labels, self.mask_probabilities(
+                features, det_image, det_boxes, det_labels)
+        returned = rows_returned(det_image, det_scores, self.label_to_class[det_labels], *mask_selection)
+        rows = torch.nonzero(returned)[:, 0]
+        probs = self.mask_probabilities(features, det_image[rows], det_boxes[rows], det_labels[rows])
+        mask_hw = tuple(int(v) for v in probs.shape[1:])
+        return det_image, det_boxes, det_scores, det_labels, scatter_rows(
+            probs.new_zeros((det_scores.shape[0], *mask_hw)), rows, probs)
+
+    def mask_probabilities(self, features: dict[str, Tensor], image: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
+        """Mask head on ``boxes [K, 4]`` of images ``image [K]``: ``[K, 28, 28]`` probabilities of ``labels``."""
+        mask_rois = torch.cat((image.to(boxes.dtype)[:, None], boxes), dim=1)
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool.pool(features, mask_rois)))
-        index = torch.arange(mask_logits.shape[0], device=det_labels.device)
-        return det_image, det_boxes, det_scores, det_labels, mask_logits[index, det_labels].sigmoid()
+        index = torch.arange(mask_logits.shape[0], device=labels.device)
+        return mask_logits[index, labels].sigmoid()
 
 
 class MaskRCNN(nn.Module):
@@ -561,11 +596,13 @@ class MaskRCNN(nn.Module):
     def features(self, images: Tensor) -> OrderedDict[str, Tensor]:
         return self.backbone(images)
 
-    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, image_sizes: Tensor, mask_score_threshold: Tensor | None = None,
+                mask_max_detections: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         features = self.features(images)
         image, proposals, rank = self.rpn.propose(images, list(features.values()), image_sizes)
+        selection = None if mask_score_threshold is None else (mask_score_threshold, mask_max_detections)
         return self.roi_heads.detect_padded(features, image, proposals, rank, image_sizes,
-                                            self.rpn.post_nms_top_n())
+                                            self.rpn.post_nms_top_n(), selection)
 
 
 def resnet_body(config: InferenceConfig, norm_layer) -> ResNet:

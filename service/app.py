@@ -21,7 +21,7 @@ from service import kserve
 
 from service.admission import AdmissionControl, MemoryBudget
 from service.backends import Engine
-from service.engine_pool import EnginePool
+from service.engine_pool import EngineItem, EnginePool
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestCounter
 from service.pipeline import Pipeline
@@ -119,7 +119,7 @@ async def _warm_up(runtime: Runtime) -> None:
     """Run one full batch on every session, then declare the runtime ready."""
     noise = np.random.default_rng(0).integers(0, 256, (*WARM_UP_HW, 3), dtype=np.uint8)
     try:
-        image = prepare_image(noise, runtime.pool.input_spec)
+        image = EngineItem(prepare_image(noise, runtime.pool.input_spec))
         started = asyncio.get_running_loop().time()
         await runtime.pool.warm_up(image)
         # seeds the batcher's service-time estimate (deadline-aware admission) with one session's call

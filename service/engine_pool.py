@@ -1,8 +1,8 @@
 """Engine pool: N engine sessions, each driven by its own worker thread.
 
-A batch of prepared images goes to an idle session; its worker pads the batch (``pad_batch``),
-runs the engine and splits the outputs back into one :class:`ImageOutputs` per image, after
-checking that the engine answered every slot.
+A batch of :class:`EngineItem` (a prepared image and which of its detections need a mask) goes to
+an idle session; its worker pads the batch (``pad_batch``), runs the engine and splits the outputs
+back into one :class:`ImageOutputs` per image, after checking that the engine answered every slot.
 
 A call that has not returned after ``engine_timeout_s`` fails its batch with :class:`EngineTimeout`
 (504) and retires the session: its thread is abandoned (a thread cannot be stopped) and, when the
@@ -25,10 +25,21 @@ from typing import Any
 import numpy as np
 
 from service.backends import Engine, load_engine
-from service.backends.base import OUTPUT_NAMES
+from service.backends.base import NO_MASK_LIMIT, OUTPUT_NAMES
 from service.exceptions import EngineTimeout, InferenceFailed
 from service.manifest import Manifest
 from service.preprocess import PreparedImage, pad_batch, padded_hw
+
+
+@dataclass(frozen=True)
+class EngineItem:
+    """One image for the engine, and which of its detections the request will get back (those
+    get masks; the graph skips the mask head for the others): score at least
+    ``mask_score_threshold``, the first ``mask_max_detections`` of them by score (0: no masks)."""
+
+    image: PreparedImage
+    mask_score_threshold: float = 0.0
+    mask_max_detections: int = NO_MASK_LIMIT
 
 
 @dataclass(frozen=True)
@@ -108,11 +119,11 @@ class EnginePool:
 
         return cls([factory() for _ in range(sessions)], factory=factory, **options)
 
-    def padded_hw(self, image: PreparedImage) -> tuple[int, int]:
-        """``(H, W)`` this image pads to alone; images that agree on it batch without extra padding."""
-        return padded_hw(image.resized_hw, self.input_spec.pad_divisor)
+    def padded_hw(self, item: EngineItem) -> tuple[int, int]:
+        """``(H, W)`` this item's image pads to alone; images that agree on it batch without extra padding."""
+        return padded_hw(item.image.resized_hw, self.input_spec.pad_divisor)
 
-    async def infer(self, images: Sequence[PreparedImage]) -> list[ImageOutputs]:
+    async def infer(self, images: Sequence[EngineItem]) -> list[ImageOutputs]:
         """Run one batch (``len(images) <= max_batch_size``) on an idle session.
 
         Raises:
@@ -158,7 +169,7 @@ class EnginePool:
             self._on_replace(why)
         log.info("a replacement engine session is serving")
 
-    async def warm_up(self, image: PreparedImage) -> None:
+    async def warm_up(self, image: EngineItem) -> None:
         """Run one full batch of ``image`` on every session (first runs allocate and tune)."""
         loop = asyncio.get_running_loop()
         batch = [image] * (self.batch_size or 1)
@@ -169,14 +180,20 @@ class EnginePool:
         for session in self._sessions:
             session.worker.shutdown(wait=False, cancel_futures=True)
 
-    def _infer_on(self, engine: Engine, images: Sequence[PreparedImage]) -> list[ImageOutputs]:
+    def _infer_on(self, engine: Engine, items: Sequence[EngineItem]) -> list[ImageOutputs]:
         try:
             batch, image_sizes = pad_batch(
-                images, self.input_spec.pad_divisor, batch_size=self.batch_size, min_hw=self._min_hw
+                [item.image for item in items], self.input_spec.pad_divisor, batch_size=self.batch_size,
+                min_hw=self._min_hw,
             )
-            outputs = engine.infer(batch, image_sizes)
+            # the graph's padding slots (a fixed batch larger than the items) get no masks
+            thresholds = np.zeros(len(batch), np.float32)
+            limits = np.zeros(len(batch), np.int64)
+            for i, item in enumerate(items):
+                thresholds[i], limits[i] = item.mask_score_threshold, item.mask_max_detections
+            outputs = engine.infer(batch, image_sizes, thresholds, limits)
         except Exception as exc:
-            raise InferenceFailed(f"the engine failed on a batch of {len(images)}: {type(exc).__name__}: {exc}") from exc
+            raise InferenceFailed(f"the engine failed on a batch of {len(items)}: {type(exc).__name__}: {exc}") from exc
         for name in OUTPUT_NAMES:
             got = outputs.get(name)
             if got is None or got.shape[:1] != (batch.shape[0],):
@@ -185,4 +202,4 @@ class EnginePool:
                     f"the engine returned {name} of shape {shape} for a batch of {batch.shape[0]} images"
                 )
         dets, labels, masks = (outputs[name] for name in OUTPUT_NAMES)
-        return [ImageOutputs(dets[i], labels[i], masks[i]) for i in range(len(images))]
+        return [ImageOutputs(dets[i], labels[i], masks[i]) for i in range(len(items))]

@@ -27,7 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from service.admission import Admission
 from service.batcher import Batched, Batcher
 from service.decode import check_pixels, decode_opened, open_image, upright_size
-from service.engine_pool import EnginePool, ImageOutputs
+from service.backends.base import NO_MASK_LIMIT
+from service.engine_pool import EngineItem, EnginePool, ImageOutputs
 from service.exceptions import ClientDisconnected, DeadlineExceeded
 from service.manifest import ClassTable
 from service.metrics import Metrics
@@ -71,7 +72,7 @@ class Pipeline:
         self._spec = pool.input_spec
         self._metrics = metrics
         self.max_batch_size = pool.manifest.images_per_call(settings.max_batch_size)
-        self.batcher: Batcher[PreparedImage, ImageOutputs] = Batcher(
+        self.batcher: Batcher[EngineItem, ImageOutputs] = Batcher(
             pool.infer,
             max_batch_size=self.max_batch_size,
             max_wait_s=settings.max_wait_ms / 1000,
@@ -123,7 +124,7 @@ class Pipeline:
             del rgb
             held.release_pixels()
         admission.check_deadline("queue")
-        batched = await self._batch(prepared, admission)
+        batched = await self._batch(engine_item(prepared, options), admission)
         seconds.queue_wait, seconds.inference = batched.queue_wait_s, batched.run_s
         outputs = batched.value
         with _timed(seconds, "postprocess"):
@@ -156,10 +157,10 @@ class Pipeline:
         reduce_to = (resized_w, resized_h) if settings.decode_jpeg_reduced and not keep_pixels else None
         return await self._on_host(decode_opened, header, reduce_to), (height, width), held
 
-    async def _batch(self, prepared: PreparedImage, admission: Admission[Any]) -> Batched[ImageOutputs]:
+    async def _batch(self, item: EngineItem, admission: Admission[Any]) -> Batched[ImageOutputs]:
         """The engine's outputs for the image, batched with others; unless the deadline passes or
         the client leaves first (then the image is withdrawn from the queue)."""
-        future = self.batcher.submit(prepared, admission.deadline, admission.slot())
+        future = self.batcher.submit(item, admission.deadline, admission.slot())
         loop = asyncio.get_running_loop()
         disconnected = asyncio.ensure_future(admission.disconnected())
         try:
@@ -178,6 +179,16 @@ class Pipeline:
 
     async def _on_host(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await on_host(self.settings.host_nice, fn, *args, **kwargs)
+
+
+def engine_item(prepared: PreparedImage, options: RequestOptions) -> EngineItem:
+    """The image for the engine with the detections that need masks: those the request gets back.
+    With a class filter the host picks the best ``max_detections`` among the wanted classes, which
+    the graph does not know, so every detection above the threshold gets its mask then."""
+    if not options.with_masks:
+        return EngineItem(prepared, options.score_threshold, 0)
+    limit = NO_MASK_LIMIT if options.keep_classes is not None else options.max_detections
+    return EngineItem(prepared, options.score_threshold, limit)
 
 
 @contextlib.contextmanager

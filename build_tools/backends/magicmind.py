@@ -23,6 +23,7 @@ import numpy as np
 from build_tools.shapes import pad_to, profile_shapes
 from service.backends.base import (
     INPUT_DTYPES,
+    IMAGE_INPUTS,
     INPUT_NAMES,
     BuildFailed,
     check_precision,
@@ -90,9 +91,9 @@ def padded_feeds(calibration: Iterable[dict[str, np.ndarray]] | None) -> list[di
     Raises:
         UnsupportedPrecision: no calibration, or no feed in it.
     """
-    feeds = [{name: np.asarray(feed[name]) for name in INPUT_NAMES} for feed in require_calibration(calibration)]
-    largest = {name: np.max([f[name].shape for f in feeds], axis=0) for name in INPUT_NAMES}
-    return [{name: pad_to(f[name], largest[name]) for name in INPUT_NAMES} for f in feeds]
+    feeds = [{name: np.asarray(array) for name, array in feed.items()} for feed in require_calibration(calibration)]
+    largest = {name: np.max([f[name].shape for f in feeds], axis=0) for name in feeds[0]}
+    return [{name: pad_to(f[name], largest[name]) for name in feeds[0]} for f in feeds]
 
 
 def _calibration_inputs(mm, feeds: list[dict[str, np.ndarray]]) -> list:
@@ -126,7 +127,7 @@ def _calibration_inputs(mm, feeds: list[dict[str, np.ndarray]]) -> list:
             self._index = -1
             return mm.Status.OK()
 
-    return [FeedInput(name) for name in INPUT_NAMES]
+    return [FeedInput(name) for name in feeds[0]]
 
 
 def compile(
@@ -150,7 +151,7 @@ def compile(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = onnx_input_shapes(onnx_path)
-    if tuple(shapes) != INPUT_NAMES:
+    if tuple(shapes) not in (INPUT_NAMES, IMAGE_INPUTS):
         raise BuildFailed(f"{onnx_path} has inputs {list(shapes)}, expected {list(INPUT_NAMES)}")
     config_dict = builder_config(precision, shapes, shape_profile, archs)
 

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from service.backends.base import (
-    INPUT_NAMES,
     OUTPUT_NAMES,
     BackendUnavailable,
     EngineBase,
@@ -78,10 +77,11 @@ class MagicMindEngine(EngineBase):
         self._device.active()
         self._model = mm.Model()
         check_status(self._model.deserialize_from_file(str(model_path)), f"loading {model_path}")
-        if (self._model.get_input_num(), self._model.get_output_num()) != (len(INPUT_NAMES), len(OUTPUT_NAMES)):
+        inputs = manifest.input.names
+        if (self._model.get_input_num(), self._model.get_output_num()) != (len(inputs), len(OUTPUT_NAMES)):
             raise BackendUnavailable(f"{model_path} has {self._model.get_input_num()} inputs and "
                                      f"{self._model.get_output_num()} outputs, expected "
-                                     f"{len(INPUT_NAMES)} and {len(OUTPUT_NAMES)}")
+                                     f"{len(inputs)} and {len(OUTPUT_NAMES)}")
         engine_config = mm.Model.EngineConfig()
         engine_config.device_type = "MLU"
         self._engine = self._model.create_i_engine(engine_config)

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from service.backends.base import (
-    INPUT_NAMES,
     OUTPUT_NAMES,
     BackendUnavailable,
     EngineBase,
@@ -238,12 +237,13 @@ class TensorRTEngine(EngineBase):
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         is_input = {n: self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         dtype = {n: np.dtype(trt.nptype(self._engine.get_tensor_dtype(n))) for n in names}
-        if sorted(n for n in names if is_input[n]) != sorted(INPUT_NAMES) or \
+        inputs = manifest.input.names
+        if sorted(n for n in names if is_input[n]) != sorted(inputs) or \
                 sorted(n for n in names if not is_input[n]) != sorted(OUTPUT_NAMES):
             raise BackendUnavailable(
-                f"{plan_path} has tensors {names}, expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}")
+                f"{plan_path} has tensors {names}, expected inputs {inputs} and outputs {OUTPUT_NAMES}")
         # TensorRT 8 turns int64 inputs into int32: feed each input in the engine's own dtype
-        self._input_dtypes = {n: dtype[n] for n in INPUT_NAMES}
+        self._input_dtypes = {n: dtype[n] for n in inputs}
         self._output_dtypes = {n: dtype[n] for n in OUTPUT_NAMES}
         self._device = cuda_api()()
         self.device_api = self._device.name

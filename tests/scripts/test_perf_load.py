@@ -37,7 +37,7 @@ class OneBoxEngine:
     def batch_size(self) -> int | None:
         return self.manifest.batch_size
 
-    def infer(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def infer(self, images: np.ndarray, image_sizes: np.ndarray, *mask_selection) -> dict[str, np.ndarray]:
         time.sleep(self.delay_s)
         b, n = images.shape[0], self.manifest.postprocess.max_detections
         dets, labels = np.zeros((b, n, 5), np.float32), np.full((b, n), -1, np.int64)

@@ -9,7 +9,7 @@ import pytest
 
 from service.backends import load_engine
 from service.batcher import Batcher
-from service.engine_pool import EnginePool
+from service.engine_pool import EngineItem, EnginePool
 from service.exceptions import InferenceFailed
 from service.preprocess import PreparedImage, prepare_image
 from service_images import gradient
@@ -19,9 +19,11 @@ pytestmark = pytest.mark.slow
 
 def test_a_failing_batch_reaches_every_caller_and_the_session_lives(engine_dir_b2):
     pool = EnginePool([load_engine(engine_dir_b2)])
-    good = prepare_image(gradient(seed=8), pool.input_spec)
+    image = prepare_image(gradient(seed=8), pool.input_spec)
+    good = EngineItem(image)
     # Claims the good image's size but holds a smaller tensor: the batch cannot be assembled.
-    broken = PreparedImage(np.zeros((3, 32, 32), np.float32), good.orig_hw, good.resized_hw, good.scale_factor)
+    broken = EngineItem(PreparedImage(np.zeros((3, 32, 32), np.float32), image.orig_hw, image.resized_hw,
+                                      image.scale_factor))
 
     async def main():
         async with Batcher(pool.infer, max_batch_size=2, max_wait_s=0.2, max_queue_depth=4, group_key=pool.padded_hw) as batcher:

@@ -100,13 +100,13 @@ class FaultyEngine:
     def batch_size(self):
         return self._engine.batch_size
 
-    def infer(self, images, image_sizes):
+    def infer(self, images, image_sizes, *mask_selection):
         fault = self._plan.pop(0) if self._plan else "ok"
         if fault == "raise":
             raise RuntimeError("injected engine failure")
         if fault == "hang":
             self._release.wait()
-        return self._engine.infer(images, image_sizes)
+        return self._engine.infer(images, image_sizes, *mask_selection)
 
 
 def test_engine_faults_cost_only_the_requests_they_hit(engine):

@@ -23,7 +23,7 @@ from build_tools.images import list_images, read_rgb
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import get_backend, load_engine
 from service.batcher import Batcher
-from service.engine_pool import EnginePool
+from service.engine_pool import EngineItem, EnginePool
 from service.manifest import BatchProfile, Manifest
 from service.preprocess import pad_batch, prepare_image
 from service_images import gradient
@@ -98,9 +98,9 @@ class _BatchOf:
     def __init__(self, engine, batch_size: int):
         self.engine, self.batch_size, self.manifest, self.threads = engine, batch_size, engine.manifest, engine.threads
 
-    def infer(self, images, image_sizes):
+    def infer(self, images, image_sizes, *mask_selection):
         assert images.shape[0] == self.batch_size
-        return self.engine.infer(images, image_sizes)
+        return self.engine.infer(images, image_sizes, *mask_selection)
 
 
 def test_a_batch_of_3_matches_eager_pytorch_at_fp32_tolerance(engine, photo_paths):
@@ -122,16 +122,16 @@ def test_engine_pool_runs_a_partial_batch_without_padding_to_max(engine):
     class Recording:
         manifest, batch_size = engine.manifest, engine.batch_size
 
-        def infer(self, images, image_sizes):
+        def infer(self, images, image_sizes, *mask_selection):
             calls.append(images.shape)
-            return engine.infer(images, image_sizes)
+            return engine.infer(images, image_sizes, *mask_selection)
 
     pool = EnginePool([Recording()])
     assert pool.batch_size is None
     assert pool.manifest.images_per_call(16) == 4, "capped at the manifest's max"
     assert pool.manifest.images_per_call(3) == 3
     # wide strips resize to 133x1333 (fast); both pad to 160x1344, so they batch together
-    strips = [prepare_image(gradient(60, 600, seed=s), pool.input_spec) for s in (1, 2)]
+    strips = [EngineItem(prepare_image(gradient(60, 600, seed=s), pool.input_spec)) for s in (1, 2)]
     assert pool.padded_hw(strips[0]) == pool.padded_hw(strips[1])
 
     async def main():
@@ -147,7 +147,7 @@ def test_engine_pool_runs_a_partial_batch_without_padding_to_max(engine):
     assert calls == [(2, 3, 160, 1344)], "one call with the 2 real images, not padded to 4"
     assert [s.batch_size for s in served] == [2, 2]
     for strip, result in zip(strips, served):
-        single = alone(engine, strip, (160, 1344))
+        single = alone(engine, strip.image, (160, 1344))
         np.testing.assert_array_equal(result.value.dets, single["dets"][0])
         np.testing.assert_array_equal(result.value.labels, single["labels"][0])
         np.testing.assert_array_equal(result.value.masks, single["masks"][0])

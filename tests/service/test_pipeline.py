@@ -31,9 +31,9 @@ def engine(engine_dir):
     return load_engine(engine_dir)
 
 
-def run_pipeline(engine, sources, options: PredictOptions, *, keep_pixels=False, timeout_ms=None):
-    """Each source through one admitted request; returns the results (or errors), the pipeline and
-    the memory held at the end."""
+def run_pipeline(engine, sources, options: PredictOptions, *, keep_pixels=False, timeout_ms=None, per_request=None):
+    """Each source through one admitted request (with ``options``, or ``per_request[i]``); returns the
+    results (or errors), the pipeline and the memory held at the end."""
     metrics = Metrics()
 
     async def main():
@@ -43,13 +43,14 @@ def run_pipeline(engine, sources, options: PredictOptions, *, keep_pixels=False,
                                     Gauge("in_flight", "-", registry=CollectorRegistry()))
             gate.not_ready_reason = None
             results = []
-            for source in sources:
+            for i, source in enumerate(sources):
                 request, _ = request_with_body(b"")
+                asked = options if per_request is None else per_request[i]
                 try:
                     async with gate.admit(request, timeout_ms, read_body) as admission:
                         if timeout_ms is not None:
                             await asyncio.sleep(timeout_ms / 1000)
-                        results.append(await pipeline.run(source, pipeline.resolve(options), admission,
+                        results.append(await pipeline.run(source, pipeline.resolve(asked), admission,
                                                           keep_pixels=keep_pixels))
                 except Exception as exc:  # the error is the result under test
                     results.append(exc)
@@ -94,3 +95,26 @@ def test_masks_off_a_bad_image_and_a_passed_deadline(engine):
     ((late,), _, held, _), _ = run_pipeline(engine, [encode(gradient(seed=2), "PNG")], PredictOptions(), timeout_ms=50)
     assert isinstance(late, DeadlineExceeded) and "before decode" in late.message
     assert held == 0
+
+
+def test_masks_only_for_the_detections_returned_give_identical_answers(engine):
+    """The graph runs the mask head only on the rows a request gets back: every answer equals the
+    host postprocess of the engine's outputs with a mask on every row."""
+    rgb = gradient(240, 320, seed=11)
+    prepared = prepare_image(rgb, engine.manifest.input.spec)
+    images, sizes = pad_batch([prepared], engine.manifest.input.pad_divisor, batch_size=1)
+    everything = engine.infer(images, sizes)
+    scores = np.sort(everything["dets"][0][everything["labels"][0] >= 0, 4])[::-1]
+    # the issue's thresholds, and thresholds inside this random model's score range (ties included)
+    thresholds = [0.05, 0.5, 0.9, float(scores[9]), float(scores[len(scores) // 2])]
+    cases = [PredictOptions(score_threshold=t, max_detections=k) for t in thresholds for k in (1, 10, 100)]
+    cases.append(PredictOptions(score_threshold=0.0, max_detections=3, classes=[engine.manifest.classes[5].name]))
+    ((results, *_), _) = run_pipeline(engine, [rgb] * len(cases), PredictOptions(), per_request=cases)
+    for options, result in zip(cases, results):
+        keep = None if options.classes is None else {5}
+        expected = postprocess_image(everything["dets"][0], everything["labels"][0], everything["masks"][0],
+                                     prepared.scale_factor, prepared.orig_hw, options.score_threshold, 0.5,
+                                     max_detections=options.max_detections, keep_classes=keep)
+        np.testing.assert_array_equal(result.detections.labels, expected.labels)
+        assert result.detections.rles == expected.rles, options
+    assert sum(len(r.detections.labels) for r in results) > 20  # the cases return detections
