@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, openvino_has_bf16
 
 from build_tools import cli
-from build_tools.backend_choice import BACKEND_CHOICE, MEASURE_WARMUP, resolve_backend
+from build_tools.backend_choice import BACKEND_CHOICE, MEASURE_WARMUP, LabelledImages, resolve_backend
 from build_tools.errors import BuildError
+from build_tools.images import read_rgb
 from build_tools.pipeline import compile_step
 from service.backends import backend_names, get_backend
 from service.manifest import Manifest
@@ -65,6 +66,31 @@ def test_backend_auto_measures_the_fp32_engines_here_and_keeps_the_fastest(expor
     assert f"--backend auto chose {fastest.backend} fp32: fastest measured" in capsys.readouterr().err
     assert Manifest.load(tmp_path / "eng").tools.backend_choice == choice  # the record survives a reload
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eng"]  # the other candidate's folder is gone
+
+
+@pytest.mark.skipif(not openvino_has_bf16(), reason="needs openvino on a CPU with bf16")
+def test_backend_auto_lowers_the_precision_only_within_the_ap_bound_on_labelled_images(export_dir, photos, tmp_path):
+    h, w = read_rgb(photos / "coffee.png").shape[:2]
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "coffee.png", "height": h, "width": w}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [100, 80, 200, 160], "area": 32000,
+                         "iscrowd": 0, "segmentation": [[100, 80, 300, 80, 300, 240, 100, 240]]}],
+        "categories": [{"id": 1, "name": "person"}],
+    }))
+    manifest = compile_step(export_dir, tmp_path / "eng", backend="auto", run_verify=False, measure_rounds=1,
+                            labelled=LabelledImages(ann, photos))
+    choice = manifest.tools.backend_choice
+    timed = {(c.backend, c.precision): c for c in choice.candidates}
+    assert {("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")} <= set(timed)
+    fp32 = min((c for c in timed.values() if c.precision == "fp32"), key=lambda c: c.median_s)
+    bf16 = timed["openvino", "bf16"]
+    if bf16.median_s < fp32.median_s:  # judged on the labelled image; random weights lose no AP there
+        assert choice.ap_images == 1 and bf16.box_ap_delta_points is not None
+        assert "openvino bf16 loses box" in choice.why and "within it" in choice.why
+        assert (manifest.backend, manifest.precision) == ("openvino", "bf16")
+    else:
+        assert (manifest.backend, manifest.precision) == (fp32.backend, "fp32")
 
 
 def test_verify_ann_is_refused_where_it_cannot_lower_the_precision(export_dir, tmp_path, capsys):
