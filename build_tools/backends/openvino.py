@@ -17,7 +17,8 @@ matched on six photos. Per-node ``disable_fp16_compression`` marks and memory-fo
 Python are not honoured by this plugin (measured: the same nodes stay bf16, the same layouts).
 ``int8``: NNCF post-training quantisation calibrated on real images of the
 layers in ``build_tools.precision_scopes``' compute scopes only (every other node in NNCF's ignored
-scope), per-channel symmetric weights, run at fp32 inference precision elsewhere.
+scope; nodes judged by their exported name, which the mask head's transposed convolution keeps
+only on its bias Add), per-channel symmetric weights, run at fp32 inference precision elsewhere.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def compile(
     if feeds is not None:
         import nncf
 
-        ignored = precision_scopes.fp32_nodes(op.get_friendly_name() for op in model.get_ordered_ops())
+        ignored = [op.get_friendly_name() for op in model.get_ordered_ops()
+                   if not precision_scopes.reduced_precision_allowed(_onnx_name(op))]
         model = nncf.quantize(
             model,
             nncf.Dataset(feeds),
@@ -95,6 +97,17 @@ def compile(
         facts["precision_anchors"] = add_precision_anchors(model, roi_align_precision)
     ov.save_model(model, str(out_dir / MODEL_FILE), compress_to_fp16=False)
     return MODEL_FILE, facts
+
+
+def _onnx_name(op) -> str:
+    """The exported graph's name of IR node ``op``: the converter names an ONNX ConvTranspose's
+    ConvolutionBackpropData ``ConvolutionBackpropData_<n>`` and gives the ONNX name to the bias
+    Add after it."""
+    if op.get_type_name() == "ConvolutionBackpropData":
+        consumers = [t.get_node() for t in op.output(0).get_target_inputs()]
+        if len(consumers) == 1 and consumers[0].get_type_name() == "Add":
+            return consumers[0].get_friendly_name()
+    return op.get_friendly_name()
 
 
 def add_precision_anchors(model, roi_align_precision: str) -> int:

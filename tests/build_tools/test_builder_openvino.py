@@ -8,8 +8,10 @@ from conftest import cached_export, openvino_has_bf16
 
 from build_tools import cli
 from build_tools.pipeline import compile_step
+from service.backends import openvino as openvino_backend
 from service.manifest import Manifest
 
+needs_openvino = pytest.mark.skipif(not openvino_backend.available()[0], reason="OpenVINO is not installed")
 needs_bf16 = pytest.mark.skipif(not openvino_has_bf16(),
                                 reason="OpenVINO missing or this CPU has neither AVX512_BF16 nor AMX: bf16 builds are refused")
 # Where a coordinate chain starts: the layers that run at the hint's precision (the plugin's fp32 graph
@@ -93,3 +95,20 @@ def test_fp32_roi_align_option_keeps_the_blocked_layout(bf16_builds):
         assert _info(roi_align, "outputLayouts") != "abcd"
         assert all(_info(op, "runtimePrecision") != "bf16" for op in _coordinate_chain(roi_align)
                    if _info(op, "layerType") != "Reorder")
+
+
+@needs_openvino
+def test_int8_scope_names_a_transposed_convolution_by_its_onnx_name():
+    # The converter names the mask head's ConvTranspose ``ConvolutionBackpropData_<n>``; judged by
+    # that name it fell outside the compute scopes and ran fp32 in int8 engines (92 ms at 800x1344).
+    import numpy as np
+    from openvino import opset13 as ops
+
+    from build_tools.backends.openvino import _onnx_name
+    from build_tools.precision_scopes import reduced_precision_allowed
+
+    x = ops.parameter([1, 256, 14, 14], np.float32)
+    deconv = ops.convolution_backprop_data(x, ops.constant(np.zeros((256, 256, 2, 2), np.float32)), [2, 2], [0, 0], [0, 0], [1, 1])
+    bias = ops.add(deconv, ops.constant(np.zeros((1, 256, 1, 1), np.float32)), name="/mask_predictor/conv5_mask/ConvTranspose")
+    assert _onnx_name(deconv) == bias.get_friendly_name() == "/mask_predictor/conv5_mask/ConvTranspose"
+    assert reduced_precision_allowed(_onnx_name(deconv))
