@@ -57,7 +57,8 @@ def create_app(
 
     def open_pool() -> EnginePool:
         options = {"engine_timeout_s": settings.engine_timeout_s,
-                   "on_replace": lambda why: metrics.engine_replacements.inc()}
+                   "on_replace": lambda why: metrics.engine_replacements.inc(),
+                   "on_call": lambda shape, images: metrics.shape_bucket_images.labels(shape).inc(images)}
         if engine is not None:
             return EnginePool([engine], **options)
         if engine_factory is not None:
@@ -81,6 +82,7 @@ def create_app(
             "max_batch_size": str(pipeline.max_batch_size),
             "sessions": str(pool.size),
             "threads_per_session": str(settings.threads_per_session),
+            "shape_buckets": ",".join(f"{h}x{w}" for h, w in pool.shape_buckets) or "none",
         })
         metrics.memory_in_flight.set_function(lambda: budget.in_use_bytes)
         metrics.memory_budget.set(budget.limit_bytes)

@@ -76,9 +76,12 @@ class EnginePool:
         factory: Callable[[], Engine] | None = None,
         engine_timeout_s: float | None = None,
         on_replace: Callable[[str], None] | None = None,
+        on_call: Callable[[str, int], None] | None = None,
     ) -> None:
         """``engines``: the open sessions; ``factory`` opens a replacement for a retired one (None:
-        none is opened); ``engine_timeout_s``: how long one call may take (None: no limit)."""
+        none is opened); ``engine_timeout_s``: how long one call may take (None: no limit);
+        ``on_call(shape, images)`` after every call that answered: the engine's compiled shape that
+        ran it (``Engine.last_shape``: a shape bucket's ``HxW`` or ``dynamic``) and the images in it."""
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
         self.manifest: Manifest = engines[0].manifest
@@ -88,6 +91,7 @@ class EnginePool:
         self._factory = factory
         self._engine_timeout_s = engine_timeout_s
         self._on_replace = on_replace
+        self._on_call = on_call
         self._names = itertools.count()
         self._sessions = [self._session(engine) for engine in engines]
         self.size = len(self._sessions)
@@ -97,6 +101,11 @@ class EnginePool:
 
     def _session(self, engine: Engine) -> _Session:
         return _Session(engine, ThreadPoolExecutor(1, thread_name_prefix=f"engine-{next(self._names)}"))
+
+    @property
+    def shape_buckets(self) -> list[tuple[int, int]]:
+        """The padded ``(H, W)`` sizes the engines run as static shapes (none: dynamic only)."""
+        return list(getattr(self._sessions[0].engine, "shape_buckets", []))
 
     @property
     def serving(self) -> bool:
@@ -201,5 +210,7 @@ class EnginePool:
                 raise InferenceFailed(
                     f"the engine returned {name} of shape {shape} for a batch of {batch.shape[0]} images"
                 )
+        if self._on_call is not None:
+            self._on_call(getattr(engine, "last_shape", "dynamic"), len(items))
         dets, labels, masks = (outputs[name] for name in OUTPUT_NAMES)
         return [ImageOutputs(dets[i], labels[i], masks[i]) for i in range(len(items))]

@@ -61,6 +61,11 @@ class Metrics:
         self.engine_replacements = Counter(
             "maskrcnn_engine_replacements", "Engine sessions opened to replace one that hung", registry=self.registry
         )
+        self.shape_bucket_images = Counter(
+            "maskrcnn_shape_bucket_images",
+            "Images per compiled input shape that ran them: a static shape bucket (HxW) or the dynamic-shape fallback",
+            ["bucket"], registry=self.registry,
+        )
         self.worker_restarts = Counter(
             "maskrcnn_worker_restarts", "Batcher workers restarted after ending unexpectedly", registry=self.registry
         )

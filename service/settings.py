@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     openvino_streams: int | None = Field(
         None, ge=1, le=256, description="OpenVINO engines: NUM_STREAMS; default: what the hint chooses."
     )
+    openvino_shape_buckets: str = Field(
+        "none", pattern=r"^(opt|none|\d+x\d+(,\d+x\d+)*)$",
+        description="OpenVINO engines of a fixed batch: padded input sizes (HxW, comma-separated) compiled as static "
+        "shapes at start-up and served by them; other sizes run on the dynamic-shape model. 'opt': the "
+        "manifest's opt_hw and its transpose (800x1344,1344x800 for COCO settings); 'none': dynamic only. Each "
+        "bucket is 7 to 9 percent faster at its size and holds its own memory (about 0.6 GiB each for R50 fp32).",
+    )
 
     @field_validator("engine_dir")
     @classmethod

@@ -6,6 +6,10 @@ pad divisor, without resizing: the size given is the size the graph sees. The ba
 ``--warmup`` untimed and ``--iterations`` timed times; each call's wall time is one latency sample
 and ``batch x iterations / total time`` is the throughput.
 
+``--returned 10,100`` also times the engine when a request gets back only that many detections
+(the graph then runs the mask head on those alone; ``engine`` computes every detection's mask),
+in the same interleaved rounds.
+
 ``--baseline eager`` also times the eager PyTorch model the engine was built from (the manifest's
 checkpoint and inference config) on the same batch, alternating engine and eager calls so that
 load from other processes hits both alike, and reports engine/eager throughput as a ratio.
@@ -77,16 +81,19 @@ def input_hw_for(manifest: Manifest, height: int | None, width: int | None) -> t
 
 def measure(engine_dir: Path, *, batch_size: int | None = None, iterations: int = 20, warmup: int = 2,
             threads: int | None = None, height: int | None = None, width: int | None = None,
-            baseline: str = "none") -> dict[str, Any]:
+            baseline: str = "none", returned: Sequence[int] = ()) -> dict[str, Any]:
     """Time the engine (and with ``baseline="eager"`` its eager model) on one synthetic batch.
 
     Returns the report ``--json`` writes: ``engine_dir``, ``backend``, ``precision``,
     ``batch_size``, ``input_shape`` ``[B, 3, H, W]``, ``threads`` per runner, ``iterations``,
     ``warmup``, ``results`` (per runner: ``throughput_ips`` in images/s and ``latency_ms`` per
-    call: min, mean, p50, p90, p99, max) and ``ratio`` (engine/eager throughput, or None).
+    call: min, mean, p50, p90, p99, max) and ``ratio`` (engine/eager throughput, or None); with
+    ``returned``, one more runner per count, ``engine, N returned`` (masks for the best N
+    detections of each image only).
 
     Raises:
-        PerfError: a batch size or input size the engine cannot run.
+        PerfError: a batch size or input size the engine cannot run, or ``returned`` for an engine
+            built before the graph took the mask selection.
         service.manifest.ManifestError: not an engine artifact.
     """
     if iterations < 1 or warmup < 0:
@@ -98,6 +105,13 @@ def measure(engine_dir: Path, *, batch_size: int | None = None, iterations: int 
     images, sizes = synthetic_batch(manifest.input.spec, batch, hw, manifest.shape_profile.min_hw)
     runners: dict[str, Callable[[], Any]] = {"engine": lambda: engine.infer(images, sizes)}
     thread_counts: dict[str, int | None] = {"engine": getattr(engine, "threads", threads)}
+    if returned and "mask_max_detections" not in manifest.input.names:
+        raise PerfError(f"{engine_dir} was built before the graph took the mask selection; export and build it again")
+    for count in returned:
+        name = f"engine, {count} returned"
+        thresholds, limits = np.zeros(batch, np.float32), np.full(batch, count, np.int64)
+        runners[name] = lambda t=thresholds, k=limits: engine.infer(images, sizes, t, k)
+        thread_counts[name] = thread_counts["engine"]
     if baseline == "eager":
         import torch
 
@@ -126,11 +140,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"{report['engine_dir']}: {report['backend']} {report['precision']}, batch {b}, input {b}x3x{h}x{w}, "
         f"{report['iterations']} timed calls after {report['warmup']} warm-up",
-        f"{'':8} {'threads':>7} {'images/s':>9}   ms per call: {'min':>8} {'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8}",
+        f"{'':20} {'threads':>7} {'images/s':>9}   ms per call: {'min':>8} {'mean':>8} {'p50':>8} {'p90':>8} {'p99':>8}",
     ]
     for name, result in report["results"].items():
         ms = result["latency_ms"]
-        lines.append(f"{name:8} {report['threads'][name] or '-':>7} {result['throughput_ips']:9.3f}   {'':12} "
+        lines.append(f"{name:20} {report['threads'][name] or '-':>7} {result['throughput_ips']:9.3f}   {'':12} "
                      + " ".join(f"{ms[k]:8.1f}" for k in ("min", "mean", "p50", "p90", "p99")))
     if report["ratio"] is not None:
         lines.append(f"engine / eager throughput: {report['ratio']:.3f}x")
@@ -151,11 +165,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=None, help="input width in pixels (default: manifest opt_hw)")
     parser.add_argument("--baseline", choices=("none", "eager"), default="none",
                         help="also time the eager PyTorch model the engine was built from (default none)")
+    parser.add_argument("--returned", default="",
+                        help="also time the engine when requests get back only this many detections each "
+                        "(comma-separated counts, e.g. 10,100): masks for those only")
     parser.add_argument("--json", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
     try:
+        returned = [int(v) for v in args.returned.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"--returned takes comma-separated counts, got {args.returned!r}")
+    try:
         report = measure(args.engine, batch_size=args.batch_size, iterations=args.iterations, warmup=args.warmup,
-                         threads=args.threads, height=args.height, width=args.width, baseline=args.baseline)
+                         threads=args.threads, height=args.height, width=args.width, baseline=args.baseline,
+                         returned=returned)
     except (PerfError, EagerReferenceError, ManifestError) as error:
         parser.error(str(error))
     print(format_report(report))

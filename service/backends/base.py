@@ -188,6 +188,9 @@ class EngineBase:
         self.manifest = manifest
         self.threads = threads
 
+    # the compiled shape that ran the last call: "HxW" of a static shape bucket, or "dynamic"
+    last_shape: str = "dynamic"
+
     @property
     def batch_size(self) -> int | None:
         return self.manifest.batch_size

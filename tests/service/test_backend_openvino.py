@@ -4,6 +4,7 @@ settings reach the compiled model. Its build flags are tests/build_tools/test_bu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from engine_reference import EngineAsReference
 
@@ -11,7 +12,11 @@ from build_tools.images import list_images
 from build_tools.pipeline import compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import get_backend, load_engine
-from service.manifest import Manifest
+from service.manifest import BatchProfile, Manifest
+from service.preprocess import pad_batch, prepare_image
+from service.settings import Settings
+from scripts.tools.service_process import serving
+from service_images import encode, gradient
 
 openvino = get_backend("openvino")
 ok, reason = openvino.available()
@@ -48,3 +53,43 @@ def test_service_settings_reach_the_compiled_model(openvino_fp32):
     assert str(tuned.compiled.get_property("PERFORMANCE_HINT")).endswith("THROUGHPUT")
     assert int(tuned.compiled.get_property("NUM_STREAMS")) == 2
     assert tuned.threads == 2
+
+
+@needs_openvino
+def test_shape_buckets_are_parsed_against_the_profile(openvino_fp32):
+    manifest = Manifest.load(openvino_fp32)
+    assert openvino.shape_buckets("opt", manifest) == [(800, 1344), (1344, 800)]
+    assert openvino.shape_buckets("none", manifest) == []
+    assert openvino.shape_buckets("800x1088,800x1088,320x320", manifest) == [(800, 1088), (320, 320)]
+    for bad in ("801x1344", "800x2048"):
+        with pytest.raises(ValueError, match="shape bucket"):
+            openvino.shape_buckets(bad, manifest)
+    mutable = manifest.model_copy(update={"shape_profile": manifest.shape_profile.model_copy(
+        update={"batch": BatchProfile(mutable=True, min=1, max=4)})})
+    assert openvino.shape_buckets("opt", mutable) == []  # buckets are static batches too
+
+
+@needs_openvino
+def test_a_bucketed_size_runs_static_and_others_fall_back_to_dynamic(openvino_fp32):
+    """Served through the app: a 64x48 image pads to 800x1088, a compiled bucket; a 48x64 one to
+    1088x800, which is not one. Both answer as the dynamic model does, and /metrics counts them."""
+    settings = Settings(engine_dir=openvino_fp32, openvino_shape_buckets="800x1088")
+    with serving(settings) as server:
+        assert server.app.state.runtime.pool.shape_buckets == [(800, 1088)]
+        landscape, portrait = encode(gradient(48, 64, seed=1), "PNG"), encode(gradient(64, 48, seed=1), "PNG")
+        before = {bucket: server.metric("maskrcnn_shape_bucket_images_total", bucket=bucket)
+                  for bucket in ("800x1088", "dynamic")}  # the warm-up's image ran already
+        answers = [server.post(image, "image/png", params={"score_threshold": 0.1}) for image in (landscape, portrait)]
+        assert [a.status_code for a in answers] == [200, 200]
+        for bucket in before:
+            assert server.metric("maskrcnn_shape_bucket_images_total", bucket=bucket) == before[bucket] + 1
+    dynamic = load_engine(openvino_fp32)
+    static = openvino.load(openvino_fp32, dynamic.manifest, options={"shape_buckets": "800x1088"})
+    prepared = prepare_image(gradient(48, 64, seed=1), dynamic.manifest.input.spec)
+    images, sizes = pad_batch([prepared], 32, batch_size=1)
+    assert images.shape[2:] == (800, 1088)
+    ours, theirs = static.infer(images, sizes), dynamic.infer(images, sizes)
+    assert static.last_shape == "800x1088" and dynamic.last_shape == "dynamic"
+    np.testing.assert_array_equal(ours["labels"], theirs["labels"])
+    np.testing.assert_allclose(ours["dets"], theirs["dets"], atol=1e-2)
+    np.testing.assert_allclose(ours["masks"], theirs["masks"], atol=1e-3)
