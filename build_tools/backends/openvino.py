@@ -78,7 +78,7 @@ def compile(
         import nncf
 
         ignored = [op.get_friendly_name() for op in model.get_ordered_ops()
-                   if not precision_scopes.reduced_precision_allowed(_onnx_name(op))]
+                   if not precision_scopes.reduced_precision_allowed(onnx_name(op))]
         model = nncf.quantize(
             model,
             nncf.Dataset(feeds),
@@ -99,7 +99,7 @@ def compile(
     return MODEL_FILE, facts
 
 
-def _onnx_name(op) -> str:
+def onnx_name(op) -> str:
     """The exported graph's name of IR node ``op``: the converter names an ONNX ConvTranspose's
     ConvolutionBackpropData ``ConvolutionBackpropData_<n>`` and gives the ONNX name to the bias
     Add after it."""

@@ -104,11 +104,11 @@ def test_int8_scope_names_a_transposed_convolution_by_its_onnx_name():
     import numpy as np
     from openvino import opset13 as ops
 
-    from build_tools.backends.openvino import _onnx_name
+    from build_tools.backends.openvino import onnx_name
     from build_tools.precision_scopes import reduced_precision_allowed
 
     x = ops.parameter([1, 256, 14, 14], np.float32)
     deconv = ops.convolution_backprop_data(x, ops.constant(np.zeros((256, 256, 2, 2), np.float32)), [2, 2], [0, 0], [0, 0], [1, 1])
     bias = ops.add(deconv, ops.constant(np.zeros((1, 256, 1, 1), np.float32)), name="/mask_predictor/conv5_mask/ConvTranspose")
-    assert _onnx_name(deconv) == bias.get_friendly_name() == "/mask_predictor/conv5_mask/ConvTranspose"
-    assert reduced_precision_allowed(_onnx_name(deconv))
+    assert onnx_name(deconv) == bias.get_friendly_name() == "/mask_predictor/conv5_mask/ConvTranspose"
+    assert reduced_precision_allowed(onnx_name(deconv))
