@@ -576,19 +576,22 @@ def profile(engine_dirs: Sequence[Path], *, eager: bool = False, height: int = 8
     first = manifests[engine_dirs[0]]
     hw = input_hw_for(first, height, width)
     images, sizes = synthetic_batch(first.input.spec, batch_size_for(first, None), hw, first.shape_profile.min_hw)
-    feed = input_feed(images, sizes)
     with tempfile.TemporaryDirectory(prefix="maskrcnn-profile-") as tmp:
         profilers: dict[str, Any] = {}
         precisions: dict[str, str] = {}
+        # each graph is fed the inputs it names (artifacts built before the mask selection take two)
+        feeds: dict[str, dict[str, np.ndarray]] = {}
         for d, manifest in manifests.items():
             input_hw_for(manifest, *hw)
             name = f"{manifest.backend} {manifest.precision} ({d})"
             profilers[name] = _profiler(d, manifest, threads, Path(tmp))
             precisions[name] = manifest.precision
+            feeds[name] = input_feed(images, sizes, names=manifest.input.names)
         if eager:
             profilers["eager"] = EagerProfiler(first, threads)
             precisions["eager"] = "fp32"
-        time_calls({n: (lambda p=p: p(feed)) for n, p in profilers.items()}, runs, warmup=1, alternate=True)
+            feeds["eager"] = input_feed(images, sizes, names=first.input.names)
+        time_calls({n: (lambda p=p, f=feeds[n]: p(f)) for n, p in profilers.items()}, runs, warmup=1, alternate=True)
         peaks = matmul_peaks(peak_size, precisions.values())
         medians = {n: _median_run(p.runs()[1:]) for n, p in profilers.items()}
         flop_source = next((n for n in sorted(profilers, key=lambda n: precisions[n] != "fp32")
@@ -600,7 +603,7 @@ def profile(engine_dirs: Sequence[Path], *, eager: bool = False, height: int = 8
             options = ort.SessionOptions()
             options.intra_op_num_threads = threads or 0
             counter = OnnxRuntimeProfiler(Path(onnx), options, ["CPUExecutionProvider"], Path(tmp))
-            counter(feed)
+            counter(input_feed(images, sizes, names=[i.name for i in counter.session.get_inputs()]))
             flop_source, flop_nodes = f"onnxruntime fp32 ({onnx})", counter.runs()[0].flops
     flops = sum(flop_nodes.values()) or None
     report_engines = []
