@@ -80,7 +80,7 @@ def test_manifest_records_the_contract(engine_dir):
     assert [c.id for c in manifest.classes] == list(COCO_CATEGORY_IDS)
     assert manifest.classes[0].name == "person" and manifest.classes[79].name == "toothbrush"
     assert manifest.input.mean == (123.675, 116.28, 103.53)
-    assert manifest.input.names == ("images", "image_sizes")
+    assert manifest.input.names == ("images", "image_sizes", "mask_score_threshold", "mask_max_detections")
     assert manifest.inference_config["roi_aligned"] is True
     assert manifest.inference_config["roi_sampling_ratio"] == 0
     assert manifest.checkpoint.format == "random-init"
