@@ -285,10 +285,19 @@ def ratio_check(label: str, medians: Mapping[str, float], numerator: str, denomi
             "denominator": denominator, "denominator_s": bottom}
 
 
-def share_check(label: str, value: float, bound: float, compare: str) -> dict[str, Any]:
+def share_check(label: str, value: float, bound: float, compare: str, note: str = "") -> dict[str, Any]:
     """A goal's share (of engine time, or of a matmul peak) from the profiles."""
     return {"label": label, "kind": "share", "value": value, "bound": bound, "compare": compare,
-            "met": COMPARE[compare](value, bound)}
+            "met": COMPARE[compare](value, bound), "note": note}
+
+
+def of_peak_check(engine: ServedEngine, roofline: Mapping[str, Any]) -> dict[str, Any]:
+    """Conv/FC rate against the same-run matmul peak of the engine's precision. Above 100 % the
+    peak is no ceiling: on a shared CPU the peak's few seconds can fall in a loaded moment (bf16
+    measured 0.67 and 1.70 TFLOP/s in consecutive processes on the AMX Xeon)."""
+    note = "above the measured peak, which is then no ceiling" if roofline["of_peak"] > 1 else ""
+    return share_check(f"{engine.name} ({roofline['tflops']:.3f} of {roofline['peak_tflops']:.3f} TFLOP/s)",
+                       roofline["of_peak"], 0.5, ">=", note)
 
 
 def goal_row(key: str, engine: str, goal: str, checks: list[dict[str, Any]], missing: str) -> dict[str, Any]:
@@ -343,8 +352,7 @@ def goal_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         share_check(e.name, p["non_arithmetic_share"], 0.15, "<=") for e, p in zip(engines, profiles)
     ], "no engine profiled"))
     rows.append(goal_row("conv_fc_of_peak", "convolutions/FCs vs the same-run matmul peak", ">= 50%", [
-        share_check(f"{e.name} ({p['roofline']['tflops']:.3f} of {p['roofline']['peak_tflops']:.3f} TFLOP/s)",
-                    p["roofline"]["of_peak"], 0.5, ">=")
+        of_peak_check(e, p["roofline"])
         for e, p in zip(engines, profiles) if p["roofline"] and "of_peak" in p["roofline"]
     ], "no conv/FC FLOPs counted (no ONNX Runtime engine in the run and no export)"))
     return rows
@@ -354,6 +362,8 @@ def format_check(check: Mapping[str, Any]) -> str:
     value = f"{check['value']:.2f}x" if check["kind"] == "ratio" else f"{check['value']:.0%}"
     if check["kind"] == "ratio":
         value += f" ({check['numerator_s']:.2f} s / {check['denominator_s']:.2f} s)"
+    if check.get("note"):
+        value += f" ({check['note']})"
     return f"{check['label']} {value}"
 
 
