@@ -281,23 +281,24 @@ def ratio_check(label: str, medians: Mapping[str, float], numerator: str, denomi
     bottom = medians[denominator] if denominator is not None else denominator_s
     value = top / bottom
     return {"label": label, "kind": "ratio", "value": value, "bound": bound, "compare": compare,
-            "met": COMPARE[compare](value, bound), "numerator": numerator, "numerator_s": top,
-            "denominator": denominator, "denominator_s": bottom}
+            "met": COMPARE[compare](value, bound), "detail": f"{top:.2f} s / {bottom:.2f} s",
+            "numerator": numerator, "numerator_s": top, "denominator": denominator, "denominator_s": bottom}
 
 
-def share_check(label: str, value: float, bound: float, compare: str, note: str = "") -> dict[str, Any]:
+def share_check(label: str, value: float, bound: float, compare: str, detail: str = "") -> dict[str, Any]:
     """A goal's share (of engine time, or of a matmul peak) from the profiles."""
     return {"label": label, "kind": "share", "value": value, "bound": bound, "compare": compare,
-            "met": COMPARE[compare](value, bound), "note": note}
+            "met": COMPARE[compare](value, bound), "detail": detail}
 
 
 def of_peak_check(engine: ServedEngine, roofline: Mapping[str, Any]) -> dict[str, Any]:
     """Conv/FC rate against the same-run matmul peak of the engine's precision. Above 100 % the
     peak is no ceiling: on a shared CPU the peak's few seconds can fall in a loaded moment (bf16
     measured 0.67 and 1.70 TFLOP/s in consecutive processes on the AMX Xeon)."""
-    note = "above the measured peak, which is then no ceiling" if roofline["of_peak"] > 1 else ""
-    return share_check(f"{engine.name} ({roofline['tflops']:.3f} of {roofline['peak_tflops']:.3f} TFLOP/s)",
-                       roofline["of_peak"], 0.5, ">=", note)
+    detail = f"{roofline['tflops']:.3f} of {roofline['peak_tflops']:.3f} TFLOP/s"
+    if roofline["of_peak"] > 1:
+        detail += ": above the measured peak, which is then no ceiling"
+    return share_check(engine.name, roofline["of_peak"], 0.5, ">=", detail)
 
 
 def goal_row(key: str, engine: str, goal: str, checks: list[dict[str, Any]], missing: str) -> dict[str, Any]:
@@ -360,11 +361,7 @@ def goal_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def format_check(check: Mapping[str, Any]) -> str:
     value = f"{check['value']:.2f}x" if check["kind"] == "ratio" else f"{check['value']:.0%}"
-    if check["kind"] == "ratio":
-        value += f" ({check['numerator_s']:.2f} s / {check['denominator_s']:.2f} s)"
-    if check.get("note"):
-        value += f" ({check['note']})"
-    return f"{check['label']} {value}"
+    return f"{check['label']} {value}" + (f" ({check['detail']})" if check["detail"] else "")
 
 
 def format_report(report: Mapping[str, Any], command: str) -> str:
