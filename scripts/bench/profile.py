@@ -466,9 +466,11 @@ class EagerProfiler:
 
 # --- matmul peaks -------------------------------------------------------------------------------
 
-def matmul_peaks(size: int, precisions: Iterable[str], iterations: int = 3) -> dict[str, dict[str, Any]]:
+def matmul_peaks(size: int, precisions: Iterable[str], iterations: int = 10) -> dict[str, dict[str, Any]]:
     """TFLOP/s of a ``size``^3 matmul per precision (best of ``iterations`` timed calls after one
-    warm-up, the precisions taking turns): ``{precision: {"tflops", "how"}}``. fp32 and bf16 run
+    warm-up, the precisions taking turns; on a shared machine three calls gave bf16 peaks from 0.67 to
+    1.70 TFLOP/s in consecutive processes, ten give the quiet moments a chance): ``{precision:
+    {"tflops", "how"}}``. fp32 and bf16 run
     torch.matmul; int8 an OpenVINO FullyConnected on FakeQuantize-d activations and int8 weights
     (torch._int_mm on CPU does not reach the AMX int8 rate)."""
     import torch
