@@ -70,6 +70,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(open_pool)
         pipeline = Pipeline(settings, pool, metrics)
+        _log_engine(pool, pipeline.max_batch_size, settings)
         budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
         admission = AdmissionControl(settings, budget, pipeline.batcher, lambda: pool.serving, metrics.in_flight)
         manifest = pool.manifest
@@ -115,6 +116,24 @@ def create_app(
     app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
     _document_limits(app, settings)
     return app
+
+
+def _log_engine(pool: EnginePool, max_batch_size: int, settings: Settings) -> None:
+    """Say at start-up which model is served, and what a newcomer would otherwise find out later."""
+    manifest = pool.manifest
+    checkpoint = manifest.checkpoint
+    weights = (f"random weights (seed {checkpoint.random_init_seed})" if checkpoint.format == "random-init"
+               else f"{checkpoint.source or 'an unnamed checkpoint'} ({checkpoint.format})")
+    log.info("serving %s %s %s engine of %s: origin %s, %d classes, %d session(s) x %d thread(s)",
+             settings.engine_dir or "an injected", manifest.backend, manifest.precision, weights, manifest.origin,
+             len(manifest.classes), pool.size, settings.threads_per_session)
+    if checkpoint.format == "random-init":
+        log.warning("this engine has random weights: its detections mean nothing (scores stay low, so a "
+                    "score_threshold of 0.5 returns none); build one from a checkpoint for real answers")
+    if max_batch_size < settings.max_batch_size:
+        log.info("--max-batch-size %d: this engine takes at most %d image(s) per call (%s), so batches hold %d",
+                 settings.max_batch_size, max_batch_size,
+                 "a fixed-batch graph" if pool.batch_size else "its mutable batch's max", max_batch_size)
 
 
 async def _warm_up(runtime: Runtime) -> None:

@@ -345,3 +345,13 @@ def test_not_ready_until_warm_then_api_key_guards_all_but_probes(engine_b1):
         for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
             assert live.post(PNG, "text/plain", headers=headers).status_code == 415
             assert httpx.get(live.url + "/v1/models", headers=headers).status_code == 200
+
+
+def test_start_up_names_the_engine_and_warns_of_random_weights(engine_b1, caplog):
+    caplog.set_level("INFO", logger="service.app")
+    with serving(Settings(max_batch_size=4, **LIMITS), engine_b1):
+        pass
+    said = "\n".join(r.getMessage() for r in caplog.records if r.name == "service.app")
+    assert "onnxruntime fp32 engine of random weights (seed 0)" in said
+    assert "detections mean nothing" in said
+    assert "--max-batch-size 4: this engine takes at most 1 image(s) per call (a fixed-batch graph)" in said
