@@ -39,7 +39,7 @@ from service.backends import (
     get_backend,
 )
 from service.backends.base import cpu_cores
-from service.manifest import BackendChoice, CandidateTiming, ChoiceMeasurement, Manifest
+from service.manifest import BackendChoice, CandidateTiming, ChoiceMeasurement, ClassTable, Manifest
 from service.preprocess import pad_batch, prepare_image
 
 AUTO_BACKEND = "auto"
@@ -384,9 +384,8 @@ class LabelledImages:
     def ap_points(self, engine: Engine) -> tuple[float, float]:
         """pycocotools box and mask AP (x100) of ``engine``'s detections (its manifest's host
         preprocess and paste rule) on these images."""
-        from build_tools.coco_eval import evaluate
+        from build_tools.coco_eval import detections_ap
         from build_tools.verify import run_detections
-        from service.response import coco_body
 
         coco, ids, rgbs = self._load()
         manifest = engine.manifest
@@ -395,13 +394,7 @@ class LabelledImages:
         detections, _ = run_detections(engine.infer, prepared, batch_size=manifest.batch_size or 1,
                                        divisor=spec.pad_divisor, mask_threshold=manifest.postprocess.mask_threshold,
                                        paste=manifest.postprocess.paste, warmup=0)
-        category_ids = [c.id for c in sorted(manifest.classes, key=lambda c: c.index)]
-        results = []
-        for image_id, det in zip(ids, detections):
-            results += coco_body(det.boxes.tolist(), det.scores.tolist(), [category_ids[i] for i in det.labels],
-                                 det.rles, image_id)
-        scores = evaluate(coco, results, ids)
-        return 100 * scores["bbox"]["AP"], 100 * scores["segm"]["AP"]
+        return detections_ap(coco, ids, detections, ClassTable.from_entries(manifest.classes).ids)
 
 
 def time_engines(engines: Mapping[Candidate, Engine], rounds: int = MEASURE_ROUNDS,

@@ -86,6 +86,21 @@ def evaluate(
     return scores
 
 
+def detections_ap(coco: COCO, image_ids: Sequence[int], detections: Sequence[Any],
+                  category_ids: Sequence[int]) -> tuple[float, float]:
+    """pycocotools box and mask AP (x100) of per-image detections (``service.postprocess.
+    ImageDetections``, one per id of ``image_ids``) on those images of ``coco``; ``category_ids``:
+    the category id of each label (the model's class table)."""
+    from service.response import coco_body
+
+    results = []
+    for image_id, det in zip(image_ids, detections):
+        results += coco_body(det.boxes.tolist(), det.scores.tolist(), [category_ids[i] for i in det.labels],
+                             det.rles, image_id)
+    scores = evaluate(coco, results, image_ids)
+    return 100 * scores["bbox"]["AP"], 100 * scores["segm"]["AP"]
+
+
 def _per_image_evaluator(coco: COCO, results: list[dict[str, Any]], image_ids: Sequence[int], iou_type: str) -> COCOeval:
     """COCOeval after ``evaluate()`` on ``image_ids``: its per-image matches (``evalImgs``) are what a
     resample of the images re-accumulates."""

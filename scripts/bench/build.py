@@ -114,15 +114,9 @@ def _compiled_artifact(export: Path, info, backend: str, precision: str, args, t
 def _gt_scores(detections, image_ids, coco, category_ids) -> dict[str, float]:
     """pycocotools box and mask AP (x100) of per-image detections on ``image_ids`` of ``coco``
     (``category_ids``: the category id of each label, the model's class table)."""
-    from build_tools.coco_eval import evaluate
-    from service.response import coco_body
+    from build_tools.coco_eval import detections_ap
 
-    results = []
-    for image_id, det in zip(image_ids, detections):
-        results += coco_body(det.boxes.tolist(), det.scores.tolist(), [category_ids[i] for i in det.labels],
-                             det.rles, image_id)
-    scores = evaluate(coco, results, image_ids)
-    return {"box": 100 * scores["bbox"]["AP"], "mask": 100 * scores["segm"]["AP"]}
+    return dict(zip(("box", "mask"), detections_ap(coco, image_ids, detections, category_ids)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
