@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
-from service import kserve
+from service import kserve, kserve_codec
 
 from service.admission import AdmissionControl, MemoryBudget
 from service.backends import Engine
@@ -87,7 +87,7 @@ def create_app(
         })
         metrics.memory_in_flight.set_function(lambda: budget.in_use_bytes)
         metrics.memory_budget.set(budget.limit_bytes)
-        runtime = Runtime(settings, pool, pipeline, admission, metrics)
+        runtime = Runtime(settings, pipeline, admission, metrics, kserve_codec.model_version(manifest))
         app.state.runtime = runtime
         async with pipeline:
             warm_up = asyncio.create_task(_warm_up(runtime))

@@ -56,11 +56,9 @@ The documents and the tensor codec are in ``service.kserve_codec``. gRPC is not 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
@@ -92,19 +90,13 @@ EXTENSIONS = ["binary_tensor_data"]
 
 # --- the routes -------------------------------------------------------------------------------
 
-def model_version(runtime: Runtime) -> str:
-    """First 12 hex digits of the SHA-256 of the manifest's canonical JSON."""
-    canonical = orjson.dumps(runtime.pool.manifest.to_dict(), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()[:12]
-
-
 def _check_model(runtime: Runtime, name: str, version: str | None) -> str:
     """The model's version, if ``name`` (and ``version``, when given) are this server's model.
 
     Raises:
         ModelNotFound: another name or version (404).
     """
-    served = model_version(runtime)
+    served = runtime.model_version
     if name != runtime.settings.model_name:
         raise ModelNotFound(f"unknown model {name!r}; this server serves {runtime.settings.model_name!r}")
     if version is not None and version != served:
@@ -204,7 +196,7 @@ async def infer(
     header_length: Annotated[str | None, Header(alias=HEADER_LENGTH, include_in_schema=False)] = None,
     timeout_ms: Annotated[float | None, Header(alias=TIMEOUT_HEADER, gt=0, le=3_600_000)] = None,
 ) -> Response:
-    served = model_version(runtime)
+    served = runtime.model_version
 
     async def read_request(request: Request, max_body_bytes: int) -> ParsedInfer:
         _check_model(runtime, name, version)  # here, so that a refused body is drained like any other

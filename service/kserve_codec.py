@@ -5,6 +5,7 @@ routes read and write (see its docstring for the protocol as this server speaks 
 from __future__ import annotations
 
 import binascii
+import hashlib
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
 from service.exceptions import BadRequest, describe_validation_errors
-from service.manifest import ClassTable
+from service.manifest import ClassTable, Manifest
 from service.pipeline import Inference
 from service.request import PredictOptions, decode_base64, merge_options
 
@@ -102,6 +103,12 @@ class InferResponse(_Document):
     model_version: str
     id: str | None = None
     outputs: list[ResponseOutput]
+
+
+def model_version(manifest: Manifest) -> str:
+    """The model's version: first 12 hex digits of the SHA-256 of the manifest's canonical JSON."""
+    canonical = orjson.dumps(manifest.to_dict(), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:12]
 
 
 # --- the tensor codec -------------------------------------------------------------------------

@@ -13,10 +13,16 @@ from service.settings import Settings
 
 @dataclass
 class Runtime:
-    """``admission`` admits requests (and knows readiness); ``pipeline`` runs their images."""
+    """``admission`` admits requests (and knows readiness); ``pipeline`` runs their images;
+    ``model_version``: the v2 protocol's version of the served model (``kserve_codec.model_version``),
+    computed once."""
 
     settings: Settings
-    pool: EnginePool
     pipeline: Pipeline
     admission: AdmissionControl
     metrics: Metrics
+    model_version: str
+
+    @property
+    def pool(self) -> EnginePool:
+        return self.pipeline.pool
