@@ -30,6 +30,7 @@ so the host feeds RGB as for every other model.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
 import urllib.error
@@ -422,10 +423,29 @@ def _torchvision_to_model_state(model: MaskRCNN, state: dict[str, Tensor]) -> di
     return renamed
 
 
+def near_checkpoint_names(name: str, count: int = 3) -> list[str]:
+    """The published checkpoint names closest to ``name`` (a typo of one), best first; maybe none."""
+    return difflib.get_close_matches(name, KNOWN_CHECKPOINTS, n=count, cutoff=0.6)
+
+
+def _names_hint(name: str) -> str:
+    near = near_checkpoint_names(name)
+    if near:
+        return f"did you mean {' or '.join(near)}?"
+    return "`maskrcnn-build fetch --help` and the README's \"Checkpoints\" list the published names"
+
+
 def fetch_checkpoint(name: str, cache_dir: str | Path) -> Path:
-    """Download a published checkpoint by name into ``cache_dir``, checking its sha256 prefix."""
+    """The published checkpoint ``name`` in ``cache_dir``, downloaded when it is not there yet
+    (a file placed there under its published file name is used as it is); its sha256 prefix is
+    checked either way.
+
+    Raises:
+        CheckpointError: an unknown name (with the near ones), a failed download (saying where to
+            put the file by hand), or a file whose sha256 does not match.
+    """
     if name not in KNOWN_CHECKPOINTS:
-        raise CheckpointError(f"unknown checkpoint name {name!r}; known: {', '.join(KNOWN_CHECKPOINTS)}")
+        raise CheckpointError(f"unknown checkpoint name {name!r}: {_names_hint(name)}")
     entry = KNOWN_CHECKPOINTS[name]
     target = Path(cache_dir) / entry["url"].rsplit("/", 1)[1]
     if not target.is_file():
@@ -438,8 +458,9 @@ def fetch_checkpoint(name: str, cache_dir: str | Path) -> Path:
         except (urllib.error.URLError, OSError) as exc:
             partial.unlink(missing_ok=True)
             raise CheckpointError(
-                f"cannot download {name} from {entry['url']} ({exc}); download it yourself and pass "
-                "the file path instead"
+                f"cannot download {name} from {entry['url']} ({exc}). Download that file where you can and "
+                f"place it at {target}: the name {name} then works offline (its sha256 is checked); or give "
+                "the file's path to --checkpoint"
             ) from exc
         partial.rename(target)
     digest = sha256_of(target)
@@ -523,6 +544,11 @@ def load_checkpoint(
     if published is not None:
         path = fetch_checkpoint(str(path), cache_dir)
         style = style or published["style"]
+    elif not Path(path).is_file():
+        # a bare word (no folder, no suffix) was more likely meant as a published name
+        bare = not Path(path).suffix and len(Path(path).parts) == 1
+        hint = f" and is no published name: {_names_hint(str(path))}" if bare else ""
+        raise CheckpointError(f"checkpoint {path} does not exist{hint}")
     state, meta = read_state_dict(path)
     fmt = detect_format(state) if format == "auto" else format
     if fmt not in ("mmdet", "torchvision"):

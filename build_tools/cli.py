@@ -94,6 +94,9 @@ def _add_compile_args(p: argparse.ArgumentParser) -> None:
                    help="openvino bf16: the precision RoIAlign samples the (bf16) features at; its RoI coordinates "
                         "are fp32 either way. bf16 (default) or fp32 (RoIAlign 1.4-1.6x bf16's time, 800x1344, "
                         "2 AMX cores)")
+    p.add_argument("--openvino-bf16-predictors", choices=("fp32", "bf16"), default="fp32",
+                   help="openvino bf16: the precision of the layers whose outputs are read as numbers (RPN and box "
+                        "predictor logits and deltas, mask logits): fp32 (default) or bf16")
     p.add_argument("--onnxruntime-int8-ranges", choices=ACTIVATION_RANGES, default=ACTIVATION_RANGES[0],
                    help="onnxruntime int8: each activation's range is the mean (default) or the extremes of its "
                         "per-image min/max over the calibration images")
@@ -188,8 +191,9 @@ def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
     options: dict[str, dict] = {}
     if args.tensorrt_timing_cache:
         options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
-    if args.openvino_bf16_roi_align != "bf16":
-        options["openvino"] = {"roi_align_precision": args.openvino_bf16_roi_align}
+    openvino = {"roi_align_precision": args.openvino_bf16_roi_align, "predictor_precision": args.openvino_bf16_predictors}
+    if openvino != {"roi_align_precision": "bf16", "predictor_precision": "fp32"}:
+        options["openvino"] = openvino
     if args.onnxruntime_int8_ranges != ACTIVATION_RANGES[0]:
         options["onnxruntime"] = {"activation_ranges": args.onnxruntime_int8_ranges}
     return options
@@ -366,8 +370,8 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
 
     f = sub.add_parser("fetch", help="download a published checkpoint by name (sha256 prefix checked), print its path")
-    f.add_argument("name", choices=list(KNOWN_CHECKPOINTS), metavar="NAME",
-                   help=f"one of: {', '.join(KNOWN_CHECKPOINTS)}")
+    # no argparse choices: fetch_checkpoint names the near ones of a typo
+    f.add_argument("name", metavar="NAME", help=f"one of: {', '.join(KNOWN_CHECKPOINTS)}")
     f.add_argument("--cache-dir", default=str(CHECKPOINT_CACHE), help=f"download folder (default {CHECKPOINT_CACHE})")
     f.set_defaults(func=cmd_fetch)
 

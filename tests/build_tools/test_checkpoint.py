@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from build_tools.checkpoint import (
+    KNOWN_CHECKPOINTS,
     CheckpointError,
     detect_format,
+    fetch_checkpoint,
     load_checkpoint,
     model_state_to_mmdet,
     save_mmdet_checkpoint,
+    sha256_of,
 )
 from build_tools.model import build_model, init_random_
 
@@ -169,3 +173,38 @@ def test_no_source_is_an_error():
 def test_unknown_published_name_is_not_a_path_lookup(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "mask_rcnn_r50_fpn_2x_coco")
+
+
+def test_a_typo_of_a_published_name_gets_the_near_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the typo is no file here
+    with pytest.raises(CheckpointError, match="mask_rcnn_r101_fpn_1x does not exist and is no published name: "
+                       "did you mean mask_rcnn_r101_fpn_1x_coco"):
+        load_checkpoint("mask_rcnn_r101_fpn_1x")
+    with pytest.raises(CheckpointError, match="unknown checkpoint name 'mask_rcnn_r50_fpn_1x_cooc': did you mean "
+                       "mask_rcnn_r50_fpn_1x_coco"):
+        fetch_checkpoint("mask_rcnn_r50_fpn_1x_cooc", tmp_path)
+    with pytest.raises(CheckpointError, match="is no published name: `maskrcnn-build fetch --help`"):
+        load_checkpoint("some_typo_name")
+
+
+def _unreachable_url() -> str:
+    """A URL on a loopback port nobody listens on: the download is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/mask_rcnn_test"
+
+
+def test_a_failed_download_says_where_to_place_the_file_and_the_placed_file_then_works(
+        mmdet_file, tmp_path, monkeypatch):
+    prefix = sha256_of(mmdet_file)[:8]
+    name = "mask_rcnn_test_coco"
+    monkeypatch.setitem(KNOWN_CHECKPOINTS, name, {"url": f"{_unreachable_url()}/{name}-{prefix}.pth",
+                                                   "sha256_prefix": prefix, "format": "mmdet", "style": "pytorch"})
+    cache = tmp_path / "cache"
+    target = cache / f"{name}-{prefix}.pth"
+    with pytest.raises(CheckpointError, match=f"place it at {target}: the name {name} then works offline"):
+        fetch_checkpoint(name, cache)
+    target.write_bytes(mmdet_file.read_bytes())  # what the message says to do
+    assert fetch_checkpoint(name, cache) == target
+    assert load_checkpoint(name, cache_dir=cache).sha256 == sha256_of(mmdet_file)
