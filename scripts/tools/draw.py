@@ -6,8 +6,10 @@
 With ``--url`` the image is sent to the service's ``/predict`` (``service.client``); with
 ``--results`` the detections come from a file: a ``/predict`` answer (native form) or a COCO
 results file (a list of ``{image_id, category_id, bbox [x, y, w, h], score, segmentation}``,
-filtered by ``--image-id`` when it holds several images; class names are COCO's for COCO ids).
-``--score-threshold``, ``--max-detections`` and ``--classes`` filter what is drawn. The drawing is
+whose ``--image-id`` picks one image: needed when it holds several, an error when the file lacks
+it or is a ``/predict`` answer; class names are COCO's for COCO ids). ``--score-threshold``,
+``--max-detections`` and ``--classes`` filter what is drawn; a ``--classes`` entry that names no
+class (of the results or COCO's; with ``--url``, of the engine) is an error. The drawing is
 ``service.draw``'s, the same as ``/render``'s; the image is decoded as the service decodes it
 (EXIF orientation applied).
 """
@@ -34,21 +36,30 @@ COCO_NAMES = dict(COCO_CLASSES)
 
 
 class ResultsError(ValueError):
-    """A results file that cannot be drawn (wrong shape, several images and no --image-id)."""
+    """Results that cannot be drawn as asked: neither form, several images and no --image-id, an
+    --image-id the file does not hold or that a one-image answer cannot take, unknown --classes."""
 
 
 def detections_from_results(results: Any, image_hw: tuple[int, int], image_id: int | None) -> Detections:
     """The detections of one image from a ``/predict`` answer or a COCO results list.
 
     Raises:
-        ResultsError: neither form, or a COCO list of several images without ``image_id``.
+        ResultsError: neither form; a COCO list of several images without ``image_id``, or without
+            ``image_id`` among them; ``image_id`` with a ``/predict`` answer (one image, no ids).
     """
     if isinstance(results, dict) and "detections" in results:
+        if image_id is not None:
+            raise ResultsError("--image-id picks one image of a COCO results list; this file is a /predict answer "
+                               "of one image, which has no image ids: drop --image-id")
         return Detections.from_predict(results)
     if not isinstance(results, list) or not all(isinstance(r, dict) and "bbox" in r for r in results):
         raise ResultsError("expected a /predict answer ({\"detections\": ...}) or a COCO results list")
     ids = {r.get("image_id") for r in results}
     if image_id is not None:
+        if image_id not in ids:
+            held = sorted(i for i in ids if isinstance(i, int))
+            shown = ", ".join(map(str, held[:10])) + (f" ... ({len(held)} in all)" if len(held) > 10 else "")
+            raise ResultsError(f"--image-id {image_id} is not in the results (their image ids: {shown or 'none'})")
         results = [r for r in results if r.get("image_id") == image_id]
     elif len(ids) > 1:
         raise ResultsError(f"the results hold {len(ids)} images; choose one with --image-id")
@@ -62,6 +73,23 @@ def detections_from_results(results: Any, image_hw: tuple[int, int], image_id: i
         rles=tuple(r["segmentation"] for r in results) if all("segmentation" in r for r in results) else None,
         image_hw=image_hw,
     )
+
+
+def check_classes(classes: Sequence[str], found: Detections) -> None:
+    """Refuse ``--classes`` entries that name no class of the results and no COCO class, as the
+    service's 422 does for a class its engine lacks (a results file carries no class table, so
+    its detections' classes and COCO's are all that is known).
+
+    Raises:
+        ResultsError: the unknown entries, with the classes the results hold.
+    """
+    known = {str(i) for i in found.class_ids.tolist()} | {n.lower() for n in found.class_names}
+    known |= {str(i) for i in COCO_NAMES} | {n.lower() for n in COCO_NAMES.values()}
+    unknown = [c for c in classes if c.lower() not in known]
+    if unknown:
+        held = ", ".join(sorted(set(found.class_names))) or "none"
+        raise ResultsError(f"--classes {','.join(unknown)}: no class of the results (theirs: {held}) nor of COCO "
+                           "has that name or id")
 
 
 def filtered(found: Detections, score_threshold: float | None, max_detections: int | None,
@@ -101,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_detections is not None and args.max_detections < 1:
         parser.error("--max-detections must be >= 1")
+    if args.url and args.image_id is not None:
+        parser.error("--image-id picks an image of a --results file; with --url there is none to pick")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
         data = args.image.read_bytes()
@@ -112,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             results = json.loads(args.results.read_text())
             found = detections_from_results(results, rgb.shape[:2], args.image_id)
+            if classes:
+                check_classes(classes, found)
         found = filtered(found, args.score_threshold, args.max_detections, classes)
         picture = draw_overlay(rgb, found.boxes, found.scores, found.class_ids.tolist(), found.class_names, found.rles)
         args.out.write_bytes(encode_png(picture))
