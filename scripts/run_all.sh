@@ -92,7 +92,7 @@ for item in $ENGINES; do
     --verify-images "$DATA/val" --verify-count "${VERIFY_COUNT:-8}" "${extra[@]}" --out "$engine"
 done
 
-# 4. eager reference results (the model the engines were built from, same host pre/postprocessing)
+# 4. eager reference results (the model the engines were built from, run by its origin framework where it can)
 read -r first_item _ <<< "$ENGINES"
 first_engine=$(engine_of "$first_item")
 if [ ! -f "$results/eager.summary.json" ]; then

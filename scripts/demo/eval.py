@@ -68,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`maskrcnn-demo eval`: reference results and COCO AP of a checkpoint. Returns the exit status."""
     parser = argparse.ArgumentParser(
         prog="maskrcnn-demo eval",
-        description="Run a checkpoint (eager PyTorch, the service's host pre/postprocessing) on a "
+        description="Run a checkpoint (eager PyTorch: its origin framework's own model where it runs, see "
+        "--reference) on a "
         "COCO-layout split, write the COCO results JSON and print pycocotools bbox and segm AP.",
     )
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (COCO layout)")

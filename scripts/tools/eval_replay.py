@@ -17,10 +17,16 @@ Failures: transport errors and 429/500/502/503/504 answers are retried with expo
 (Retry-After honoured); an image that still fails, or gets any other error answer, is listed by
 image id, nothing is written to ``--out`` and the exit status is 1. Rerun to retry just those.
 
-``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.tools.eager``: the service's
-own host pre/postprocessing around the model). SOURCE is a checkpoint
-(file or published name) or an engine artifact folder, whose manifest names the checkpoint and
-inference config it was built from. These are the reference results a service run is compared with.
+Before sending anything, every ``--url`` must answer ``/readyz`` with 200: a wrong URL or a server
+still warming up is reported at once (status 2), not after every image's retries.
+
+``--eager SOURCE`` runs eager PyTorch instead of a service (``scripts.tools.eager``): the
+checkpoint's origin framework's own model with its own pre- and postprocessing where it runs
+(torchvision's for torchvision checkpoints, mmdet's for mmdet ones where mmdet is installed), else
+this project's eager model inside the service's host code, as the run prints; ``--eager-reference
+maskrcnn-serve`` asks for the latter. SOURCE is a checkpoint (file or published name) or an engine
+artifact folder, whose manifest names the checkpoint and inference config it was built from. These
+are the reference results a service run is compared with.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from build_tools.coco_eval import IOU_TYPES, STAT_NAMES, evaluate, load_coco
 from build_tools.timing import latency_summary
 from scripts.tools.eager import EagerReferenceError, eager_model, write_eager_results
 from scripts.tools.http import UnknownImageType, image_headers, replay_retry_policy
+from scripts.tools.wait_ready import NotReady, require_ready
 from service.client import AnswerError, RetryPolicy
 
 AP_NAMES = STAT_NAMES[:6]
@@ -400,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results, sent = read_results(args.out), len(dataset.image_ids)
         else:
             urls = [u.rstrip("/").removesuffix("/predict") for u in args.url]
+            for url in urls:
+                require_ready(url)
             outcome = replay_service(dataset, urls, args)
             if outcome.failures:
                 report_failures(outcome.failures, dataset, ProgressLog.path_for(args.out))
@@ -410,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             wall_s, sent = outcome.wall_s, outcome.sent
             eager_reference = None
             write_json_atomically(args.out, results)
-    except (EvalError, EagerReferenceError) as error:
+    except (EvalError, EagerReferenceError, NotReady) as error:
         parser.error(str(error))
 
     print(f"{len(dataset.image_ids)} images of {args.ann}: {len(results)} detections written to {args.out}")

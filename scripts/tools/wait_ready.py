@@ -1,4 +1,4 @@
-"""Wait until a service answers ``GET /readyz`` with 200 (engine loaded and warmed up).
+"""Wait until a service answers ``GET /readyz`` with 200 (engine loaded and warmed up), or check it once.
 
     python -m scripts.tools.wait_ready http://127.0.0.1:8000 --pid "$server_pid" --timeout 600
 
@@ -45,6 +45,27 @@ def wait_ready(url: str, *, alive: Callable[[], bool] | None = None, timeout_s: 
         if time.monotonic() > deadline:
             raise NotReady(f"{url} was not ready after {timeout_s:g} s")
         time.sleep(interval_s)
+
+
+def require_ready(url: str, timeout_s: float = 10.0) -> None:
+    """Ask ``url/readyz`` once; return if it answers 200. What a client runs before sending work,
+    so that a wrong URL or a server still warming up fails at once instead of after every retry.
+
+    Raises:
+        NotReady: nothing answers at ``url``, or it answers not ready (with the service's reason).
+    """
+    try:
+        ready = httpx.get(url.rstrip("/") + "/readyz", timeout=timeout_s)
+    except httpx.TransportError as error:
+        raise NotReady(f"no service answers at {url} ({type(error).__name__}: {error}): start it "
+                       "(maskrcnn-serve --engine DIR) or correct the URL") from None
+    if ready.status_code != 200:
+        try:
+            reason = ready.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = ready.text[:200]
+        raise NotReady(f"{url} is not ready (/readyz answered {ready.status_code}: {reason}); wait for it with "
+                       f"`python -m scripts.tools.wait_ready {url}`")
 
 
 def process_alive(pid: int) -> bool:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import io
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,14 +141,53 @@ def test_killed_run_resumes_without_resending_finished_images(full_run, server, 
     assert coco_results(out) == uninterrupted
 
 
-def test_unreachable_service_fails_listing_every_image_id(dataset, tmp_path, capsys):
+def test_a_dead_url_fails_at_once_before_any_image_is_sent(dataset, tmp_path, capsys):
+    out, url = tmp_path / "results.json", f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        main([*dataset_args(dataset), "--url", url, "--out", str(out), "--no-progress"])
+    assert exited.value.code == 2
+    assert time.monotonic() - started < 3  # not the retries of every image (7.5 s each by default)
+    err = capsys.readouterr().err
+    assert f"no service answers at {url} (ConnectError" in err and "start it (maskrcnn-serve --engine DIR)" in err
+    assert not out.exists() and not ProgressLog.path_for(out).exists()
+
+
+class _ReadyButFailing(http.server.BaseHTTPRequestHandler):
+    """A server that is ready and answers every /predict with 500: the images fail after their retries."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self._answer(200 if self.path == "/readyz" else 404, {"status": "ready"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(500, {"error": {"code": "engine_failed", "message": "the engine failed"}})
+
+    def _answer(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_images_failing_after_their_retries_are_listed_by_id(dataset, tmp_path, capsys):
     out = tmp_path / "results.json"
-    status = main([*dataset_args(dataset), "--url", f"http://127.0.0.1:{free_port()}", "--out", str(out),
-                   "--retries", "1", "--backoff", "0.01", "--no-progress"])
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ReadyButFailing) as failing:
+        threading.Thread(target=failing.serve_forever, daemon=True).start()
+        try:
+            status = main([*dataset_args(dataset), "--url", f"http://127.0.0.1:{failing.server_port}", "--out",
+                           str(out), "--retries", "1", "--backoff", "0.01", "--no-progress"])
+        finally:
+            failing.shutdown()
     assert status == 1
     err = capsys.readouterr().err
     assert "3 of 3 images failed; no results file written. Failed image ids: 1, 2, 3" in err
-    assert "ConnectError" in err
+    assert "HTTP 500 engine_failed: the engine failed" in err
     assert not out.exists()
     assert ProgressLog.path_for(out).read_text().count("\n") == 1  # the header only
 
