@@ -16,19 +16,34 @@ from service_images import encode, gradient
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, env, message",
     [
-        ([], "--engine DIR (or MASKRCNN_ENGINE_DIR) is required"),
-        (["--engine", "/nonexistent"], "not an engine artifact folder"),
-        (["--port", "0"], "port: Input should be greater than or equal to 1"),
-        (["--max-batch-size", "many"], "max_batch_size: Input should be a valid integer"),
+        ([], {}, "--engine DIR (or MASKRCNN_ENGINE_DIR) is required"),
+        (["--engine", "/nonexistent"], {}, "--engine /nonexistent: Value error, /nonexistent is not an engine artifact"),
+        (["--port", "0"], {}, "--port 0: Input should be greater than or equal to 1"),
+        (["--max-batch-size", "many"], {}, "--max-batch-size many: Input should be a valid integer"),
+        ([], {"MASKRCNN_MAX_BATCH_SIZE": "many"}, "MASKRCNN_MAX_BATCH_SIZE=many: Input should be a valid integer"),
+        ([], {"maskrcnn_port": "99999"}, "MASKRCNN_PORT=99999: Input should be less than or equal to 65535"),
+        ([], {"MASKRCNN_MAX_BATCH_SZIE": "2"}, "MASKRCNN_MAX_BATCH_SZIE is no setting; did you mean "
+                                               "MASKRCNN_MAX_BATCH_SIZE"),
+        (["--decode-jpeg-reduced", "--port", "0"], {}, "--port 0"),  # a switch works bare
     ],
 )
-def test_bad_settings_are_refused_at_start(args, message, tmp_path):
+def test_bad_settings_are_refused_naming_the_flag_or_variable(args, env, message, tmp_path):
     result = subprocess.run([SERVE, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                            env={"PATH": "/usr/bin:/bin"})
+                            env={"PATH": "/usr/bin:/bin", **env})
     assert result.returncode == 2
     assert message in result.stderr
+    assert "decode_jpeg_reduced" not in result.stderr
+
+
+def test_unknown_variables_far_from_every_setting_are_reported_and_ignored(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MASKRCNN_COLOUR": "blue", "MASKRCNN_ENGINE_NAME": "ort-fp32",
+           "MASKRCNN_PORT": "0"}
+    result = subprocess.run([SERVE], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "MASKRCNN_PORT=0: Input should be greater" in result.stderr  # went on
+    assert "warning: MASKRCNN_COLOUR is no setting of maskrcnn-serve; ignored" in result.stderr
+    assert "MASKRCNN_ENGINE_NAME" not in result.stderr  # the compose stack's, not a typo
 
 
 @pytest.mark.slow
