@@ -14,6 +14,7 @@ from importlib.metadata import version
 
 import numpy as np
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
@@ -27,7 +28,7 @@ from service.metrics import Metrics, RequestCounter
 from service.pipeline import Pipeline
 from service.preprocess import prepare_image
 from service.response import OrjsonResponse
-from service.routes import API_KEY_GUARD, PAGE_DIR, api, page, probes
+from service.routes import API_KEY_GUARD, DOCS_ASSETS, PAGE_DIR, api, page, probes
 from service.runtime import Runtime
 from service.settings import Settings
 
@@ -98,7 +99,10 @@ def create_app(
                 warm_up.cancel()
         pool.close()
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc with their scripts and styles served by the app
+    # from the fastapi-offline package, not a CDN, so they work on a machine without internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="maskrcnn-serve",
         version=version("maskrcnn-serve"),
         description="Mask R-CNN instance segmentation over HTTP; GET /v1/models names the model and its classes.",

@@ -20,6 +20,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.stages import STAGES, StageSeconds
@@ -78,6 +79,19 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def route_template(scope: Scope, request: Scope) -> str:
+    """The template of the route that served ``request`` (the scope as it arrived): FastAPI's routes
+    record themselves in ``scope``; Starlette's own routes and mounts (``/openapi.json``, the docs'
+    and page's static files, ``/page/{path}``) are found again by matching; "unmatched" for none (404)."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
+        if candidate.matches(request)[0] is Match.FULL:
+            return candidate.path + ("/{path}" if isinstance(candidate, Mount) else "")
+    return "unmatched"
+
+
 class RequestCounter:
     """ASGI middleware counting every HTTP request by route template and final status code."""
 
@@ -90,6 +104,9 @@ class RequestCounter:
             await self.app(scope, receive, send)
             return
         status = 500  # an exception escaping the app becomes a 500 upstream
+        # the routing fields as they arrive: routing rewrites root_path inside a mount
+        request = {key: scope[key] for key in ("type", "path", "method") if key in scope}
+        request["root_path"] = scope.get("root_path", "")
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -100,5 +117,4 @@ class RequestCounter:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            route = scope.get("route")
-            self.count(getattr(route, "path", "unmatched"), status)
+            self.count(route_template(scope, request), status)

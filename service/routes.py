@@ -28,6 +28,7 @@ from service.runtime import Runtime
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 PAGE_DIR = Path(__file__).with_name("page")  # the browser page's static files, served under /page
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's scripts and styles (fastapi-offline's copies)
 
 _bearer = HTTPBearer(auto_error=False, description="The server's MASKRCNN_API_KEY, when it sets one.")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="The server's MASKRCNN_API_KEY, when it sets one.")
