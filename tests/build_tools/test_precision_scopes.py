@@ -16,7 +16,7 @@ from conftest import openvino_has_bf16
 from onnx import numpy_helper
 
 from build_tools.pipeline import compile_step
-from build_tools.precision_scopes import reduced_precision_allowed
+from build_tools.precision_scopes import FP32_LAYERS, reduced_precision_allowed
 from service.backends import load_engine
 from service.preprocess import pad_batch, prepare_image
 from build_tools.images import read_rgb
@@ -92,6 +92,14 @@ def test_openvino_bf16_keeps_softmax_and_nms_fp32(export_dir, photos, tmp_path):
     assert {p for t, p in precision.values() if t == "NonMaxSuppression"} == {"f32"}
     convolutions = [p for n, (t, p) in precision.items() if t == "Convolution" and n.startswith("/backbone/")]
     assert convolutions and set(convolutions) == {"bf16"}
+    # the layers whose outputs are read as numbers stay fp32 (marked ``precise``), their inputs' FCs do not
+    layers = {n: p for n, (t, p) in precision.items() if t in ("Convolution", "FullyConnected")}
+    predictors = {n: p for n, p in layers.items() if n.startswith(FP32_LAYERS)}
+    assert {"/box_predictor/cls_score/Gemm", "/box_predictor/bbox_pred/Gemm"} <= predictors.keys()
+    assert any(n.startswith("/mask_predictor/mask_fcn_logits") for n in predictors)
+    assert set(predictors.values()) == {"f32"}, predictors
+    assert {layers["/box_head/fc6/Gemm"], layers["/box_head/fc7/Gemm"]} == {"bf16"}
+    assert manifest.tools.backend["predictor_precision"] == "fp32" and manifest.tools.backend["fp32_predictor_nodes"] > 0
 
     spec = manifest.input.spec
     images, sizes = pad_batch([prepare_image(read_rgb(photos / "coffee.png"), spec)], spec.pad_divisor)
