@@ -12,7 +12,9 @@ For one checkpoint (the demo model by default) and one COCO-layout split (its va
    and ``AP lost`` = the reference's AP minus the served AP, in points (box and mask), with its
    95 % paired bootstrap interval over the split's images (``build_tools.coco_eval.ap_difference``,
    ``--bootstrap-samples`` draws): how far the loss could move on another draw of as many images,
-   so a bound is met only where the whole interval lies under it;
+   a loss is ``proven`` within its bound only where the interval's top lies under it (box and mask),
+   ``met`` where the loss itself does but its interval reaches past the bound (more images needed),
+   else ``missed``;
    ``agreement`` is the served detections' AP with the reference's own detections taken as ground
    truth (100 = the reference reproduced; far stricter: every reshuffled low-score detection counts);
 3. speed: one 1333x800 scene of many objects (``--timing-objects``; the answer's detection count is
@@ -23,8 +25,12 @@ For one checkpoint (the demo model by default) and one COCO-layout split (its va
     python -m scripts.bench.fidelity --checkpoint .cache/demo/demo_mask_rcnn.pth --data .cache/demo/data \\
         --calib-images .cache/demo/data/train --json fidelity.json
 
-The issue's goals (AP lost <= 0.1 at fp32, <= 0.3 bf16, <= 1.0 int8; time <= 0.30x eager at bf16,
-<= 0.18x at int8) are printed beside the table, never asserted: this machine is shared and noisy.
+The reference's detections are cached in ``--work`` by reference, checkpoint sha256, split and image
+set, so a rerun costs only the engines (``--fresh-reference`` runs it again). An ablation is a list of
+variants with build options, e.g. ``openvino:bf16,openvino:bf16:predictor_precision=bf16``.
+
+The goals (AP lost <= 0.1 at fp32, <= 0.3 bf16, <= 1.0 int8; time <= 0.30x eager at bf16, <= 0.18x at
+int8) are printed beside the table, never asserted: this machine is shared and noisy.
 """
 
 from __future__ import annotations
@@ -66,6 +72,18 @@ def _variants(text: str) -> list[tuple[str, str, dict[str, str]]]:
             raise argparse.ArgumentTypeError(f"variant {item!r} is not backend:precision[:option=value...]")
         out.append((backend, precision, dict(o.split("=", 1) for o in options)))
     return out
+
+
+def verdict(row: dict) -> str:
+    """``proven`` (both intervals' tops within the precision's bound), ``met`` (both losses within
+    it, an interval reaching past it) or ``missed``; ``""`` for a precision without a bound."""
+    goal = GOALS.get(row["precision"])
+    if goal is None:
+        return ""
+    bound = goal[0]
+    if all(row[f"{kind}_lost_95"][1] <= bound for kind in ("box", "mask")):
+        return "proven"
+    return "met" if all(row[f"{kind}_lost"] <= bound for kind in ("box", "mask")) else "missed"
 
 
 def _lost(row: dict, kind: str) -> str:
@@ -172,9 +190,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bootstrap-samples", type=int, default=1000,
                         help="image draws of the AP-lost interval (default 1000)")
     parser.add_argument("--reference", choices=("origin", "maskrcnn-serve"), default="origin")
-    parser.add_argument("--reuse-reference", action="store_true",
-                        help="reuse the reference's detections from an earlier run on the same checkpoint, split and "
-                             "image count (in --work) instead of running the reference again")
+    parser.add_argument("--fresh-reference", action="store_true",
+                        help="run the reference again instead of reusing its cached detections (in --work; keyed by "
+                             "reference, checkpoint sha256, split and image set)")
     parser.add_argument("--json", type=Path, default=None, help="write the table and run facts as JSON here")
     return parser.parse_args(argv)
 
@@ -214,12 +232,17 @@ def exported(args: argparse.Namespace) -> tuple[str, Path]:
 
 def reference_results(args: argparse.Namespace, reference: OriginReference, classes, split: Split,
                       sha: str) -> list[dict]:
-    """The reference's COCO results on the split, from ``--work`` with ``--reuse-reference``."""
+    """The reference's COCO results on the split: cached in ``--work``, keyed by the reference (name and
+    detail), the checkpoint's sha256, the split and its image set; run unless cached or ``--fresh-reference``."""
+    import hashlib
+
     from scripts.tools.eager import EagerModel, write_eager_results
 
     ids = tuple(c.id for c in sorted(classes, key=lambda c: c.index))
-    path = args.work / f"reference-{reference.name}-{sha[:12]}-{args.split}-{len(split.image_ids)}.json"
-    if args.reuse_reference and path.is_file():
+    key = hashlib.sha256(json.dumps([reference.name, reference.detail, sha, args.split, split.image_ids,
+                                     [i["file_name"] for i in split.images]]).encode()).hexdigest()[:12]
+    path = args.work / f"reference-{reference.name}-{sha[:12]}-{args.split}-{len(split.image_ids)}-{key}.json"
+    if path.is_file() and not args.fresh_reference:
         print(f"reference detections reused from {path}")
     else:
         write_eager_results(EagerModel(reference, ids), split.coco, args.data / args.split, split.image_ids, path)
@@ -291,7 +314,8 @@ def print_table(args: argparse.Namespace, rows: list[dict], reference_name: str,
           f"timing: 1333x800 scene, median of {args.timing_calls}, {args.threads} threads; "
           f"CPU {cpu}")
     header = (f"{'backend':<14}{'precision':<14}{'box AP':>8}{'mask AP':>9}{'box lost [95%]':>22}{'mask lost [95%]':>22}"
-              f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}  goal (lost, time)")
+              f"{'agree box':>10}{'agree mask':>11}{'time s':>8}{'vs eager':>9}{'dets':>6}{'bound':>8}"
+              "  goal (lost, time)")
     print(header)
     for r in rows:
         goal = GOALS.get(r["precision"])
@@ -301,7 +325,8 @@ def print_table(args: argparse.Namespace, rows: list[dict], reference_name: str,
             continue
         print(f"{r['backend']:<14}{r['precision']:<14}{100 * r['box_ap']:8.2f}{100 * r['mask_ap']:9.2f}"
               f"{_lost(r, 'box'):>22}{_lost(r, 'mask'):>22}{100 * r['box_agreement']:10.2f}"
-              f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}  {goal_text}"
+              f"{100 * r['mask_agreement']:11.2f}{r['seconds']:8.3f}{r['vs_eager']:9.3f}{r['detections']:6d}"
+              f"{verdict(r):>8}  {goal_text}"
               + "".join(f"  {k}={v}" for k, v in r["options"].items()))
 
 
@@ -338,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(served_row(args, artifact, variant, split, reference_detections, rows[0]["seconds"], jpeg))
 
+    for row in rows:
+        if not row.get("skipped"):
+            row["bound"] = verdict(row)
     cpu = cpu_facts()
     print_table(args, rows, reference.name, len(split.image_ids), describe_cpu(cpu))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "command": " ".join(sys.argv), "reference": reference.record(), "checkpoint": str(args.checkpoint),
-            "checkpoint_sha256": sha, "cpu": cpu, "reference_reused": bool(args.reuse_reference),
+            "checkpoint_sha256": sha, "cpu": cpu, "reference_fresh": bool(args.fresh_reference),
             "images": len(split.image_ids), "bootstrap_samples": args.bootstrap_samples,
             "split": args.split, "threads": args.threads,
             "timing_calls": args.timing_calls, "wall_s": time.perf_counter() - started, "rows": rows}, indent=1))
