@@ -7,11 +7,15 @@ import io
 import subprocess
 import sys
 import time
+import tomllib
+from importlib import metadata
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 from pycocotools import mask as coco_mask
 from tenacity import RetryCallState, Retrying
@@ -28,6 +32,56 @@ def test_importing_the_client_loads_no_torch_and_no_engine_runtime():
     code = ("import sys, service.client; "
             "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def _client_extra_modules() -> set[str]:
+    """Top-level modules of the ``client`` extra's distributions and everything they require."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    todo = [Requirement(r).name for r in project["optional-dependencies"]["client"]]
+    names: set[str] = set()
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in names:
+            continue
+        names.add(name)
+        for requirement in map(Requirement, metadata.requires(name) or ()):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return {module for module, dists in metadata.packages_distributions().items()
+            if any(canonicalize_name(d) in names for d in dists)}
+
+
+# Where only the client extra is installed, any other import fails: this finder makes it so.
+ONLY_CLIENT_EXTRA = """
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        top = name.partition(".")[0]
+        if top not in ALLOWED and top not in sys.stdlib_module_names:
+            raise ImportError(f"{name} is not installed with the client extra")
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def test_the_client_runs_with_only_its_extra_installed():
+    """The README's light install (the client extra's packages and the package without its
+    dependencies): importing, sending an array, decoding a mask and a request all work."""
+    allowed = _client_extra_modules() | {"service"}
+    code = f"ALLOWED = {sorted(allowed)!r}" + ONLY_CLIENT_EXTRA + """
+import numpy as np
+from service.client import Client, Detections, encoded_image
+assert encoded_image(np.zeros((4, 6, 3), np.uint8))[1] == "image/png"
+found = Detections.from_predict({"detections": [{"bbox": [0, 0, 2, 2], "score": 0.9, "category_id": 1,
+    "category_name": "person", "segmentation": {"size": [4, 6], "counts": "04000"}}],
+    "image": {"height": 4, "width": 6}})
+assert found.masks[0].shape == (4, 6)
+with Client("http://127.0.0.1:9", timeout=2) as client:
+    assert not client.health().live
+print(sorted(m for m in ("fastapi", "starlette", "uvicorn", "pydantic", "cv2", "onnxruntime") if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
 
 
