@@ -1,7 +1,9 @@
 """The FastAPI application: ``create_app(settings, engine=None)`` wires the request path together.
 
 Start-up loads the engine pool (an injected engine makes a pool of one session), starts the
-batcher and warms every session up in the background; /readyz turns 200 when that is done.
+batcher and warms every session up in the background; /readyz turns 200 when that is done. With
+``settings.grpc_port`` set, the KServe v2 gRPC service (``service.grpc_server``) runs beside the
+HTTP routes in the same event loop, over the same runtime.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 
-from service import kserve, kserve_codec
+from service import grpc_server, kserve, kserve_codec
 
 from service.admission import AdmissionControl, MemoryBudget
 from service.backends import Engine
@@ -93,7 +95,9 @@ def create_app(
         async with pipeline:
             warm_up = asyncio.create_task(_warm_up(runtime))
             try:
-                yield
+                async with grpc_server.serving(runtime) as grpc_port:
+                    app.state.grpc_port = grpc_port  # the bound port (settings.grpc_port 0 picks one), or None
+                    yield
             finally:
                 admission.not_ready_reason = "the service is shutting down"
                 warm_up.cancel()
@@ -111,7 +115,7 @@ def create_app(
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(RequestCounter, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status)).inc())
+    app.add_middleware(RequestCounter, count=lambda endpoint, status: metrics.requests.labels(endpoint, str(status), "http").inc())
     app.include_router(api, **(API_KEY_GUARD if settings.api_key is not None else {}))
     app.include_router(probes)
     app.include_router(kserve.api, **(kserve.PROTOCOL_KEY_GUARD if settings.api_key is not None else {}))

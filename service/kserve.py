@@ -50,26 +50,23 @@ the answer uses the same layout when any output is binary (``Content-Type:
 application/octet-stream``). Errors are ``{"error": "message"}`` (``service.errors`` renders the
 protocol's shape under /v2): a malformed request, an unknown input or output, a wrong datatype or
 shape or a bad parameter is 400; an unknown model or version 404; every other error is /predict's.
-The documents and the tensor codec are in ``service.kserve_codec``. gRPC is not served: the README's "Open Inference Protocol" section says why.
+The documents and the tensor codec are in ``service.kserve_codec``; the operations, shared with the
+same protocol over gRPC (``service.grpc_server``), in ``service.dataplane``.
 """
 
 from __future__ import annotations
 
-import asyncio
-from importlib.metadata import version as package_version
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from starlette.responses import Response
 
+from service import dataplane
 from service.errors import ProtocolErrorBody
-from service.exceptions import ModelNotFound, UnsupportedMediaType
+from service.exceptions import UnsupportedMediaType
 from service.kserve_codec import (
     BINARY,
     HEADER_LENGTH,
-    IMAGE,
-    IMAGE_RGB,
-    OUTPUTS,
     InferRequest,
     InferResponse,
     Liveness,
@@ -78,31 +75,12 @@ from service.kserve_codec import (
     Readiness,
     ServerMetadata,
     encode_infer_response,
-    output_tensors,
     parse_infer_request,
 )
 from service.request import read_body
 from service.routes import API_KEY_GUARD, TIMEOUT_HEADER, RuntimeDep
-from service.runtime import Runtime
-
-EXTENSIONS = ["binary_tensor_data"]
-
 
 # --- the routes -------------------------------------------------------------------------------
-
-def _check_model(runtime: Runtime, name: str, version: str | None) -> str:
-    """The model's version, if ``name`` (and ``version``, when given) are this server's model.
-
-    Raises:
-        ModelNotFound: another name or version (404).
-    """
-    served = runtime.model_version
-    if name != runtime.settings.model_name:
-        raise ModelNotFound(f"unknown model {name!r}; this server serves {runtime.settings.model_name!r}")
-    if version is not None and version != served:
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {served!r}")
-    return served
-
 
 PROTOCOL_ERRORS = {
     status: {"model": ProtocolErrorBody, "description": description}
@@ -142,22 +120,14 @@ async def server_ready(runtime: RuntimeDep) -> dict[str, bool]:
 
 @api.get("", summary="KServe v2 server metadata", response_model=ServerMetadata)
 async def server_metadata() -> dict[str, Any]:
-    return {"name": "maskrcnn-serve", "version": package_version("maskrcnn-serve"), "extensions": EXTENSIONS}
+    return dataplane.server_metadata()
 
 
 @api.get("/models/{name}", summary="KServe v2 model metadata", response_model=ModelMetadata, responses=_NOT_FOUND)
 @api.get("/models/{name}/versions/{version}", summary="KServe v2 model metadata (one version)",
          response_model=ModelMetadata, responses=_NOT_FOUND)
 async def model_metadata(runtime: RuntimeDep, name: str, version: str | None = None) -> dict[str, Any]:
-    served = _check_model(runtime, name, version)
-    return {
-        "name": name,
-        "versions": [served],
-        "platform": runtime.pool.manifest.backend,
-        "inputs": [{"name": IMAGE, "datatype": "BYTES", "shape": [-1]},
-                   {"name": IMAGE_RGB, "datatype": "UINT8", "shape": [-1, -1, 3]}],
-        "outputs": [{"name": n, "datatype": datatype, "shape": shape} for n, (datatype, shape) in OUTPUTS.items()],
-    }
+    return dataplane.model_metadata(runtime, name, version)
 
 
 @api.get("/models/{name}/ready", summary="KServe v2 model readiness", response_model=Readiness,
@@ -165,8 +135,7 @@ async def model_metadata(runtime: RuntimeDep, name: str, version: str | None = N
 @api.get("/models/{name}/versions/{version}/ready", summary="KServe v2 model readiness (one version)",
          response_model=Readiness, responses={**_NOT_FOUND, **_NOT_READY})
 async def model_ready(runtime: RuntimeDep, name: str, version: str | None = None) -> dict[str, bool]:
-    _check_model(runtime, name, version)
-    runtime.admission.require_ready()
+    dataplane.model_ready(runtime, name, version)
     return {"ready": True}
 
 
@@ -196,24 +165,10 @@ async def infer(
     header_length: Annotated[str | None, Header(alias=HEADER_LENGTH, include_in_schema=False)] = None,
     timeout_ms: Annotated[float | None, Header(alias=TIMEOUT_HEADER, gt=0, le=3_600_000)] = None,
 ) -> Response:
-    served = runtime.model_version
-
     async def read_request(request: Request, max_body_bytes: int) -> ParsedInfer:
-        _check_model(runtime, name, version)  # here, so that a refused body is drained like any other
         if request.headers.get("content-encoding", "identity").lower() != "identity":
             raise UnsupportedMediaType("compressed request bodies (Content-Encoding) are not accepted")
         body = await read_body(request, max_body_bytes)
         return parse_infer_request(body, header_length, runtime.settings.max_queue_depth)
 
-    async with runtime.admission.admit(request, timeout_ms, read_request) as admission:
-        parsed = admission.payload
-        options = runtime.pipeline.resolve(parsed.options)
-        tasks = [asyncio.ensure_future(runtime.pipeline.run(image, options, admission)) for image in parsed.images]
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:  # one image failed: withdraw the others
-            for task in tasks:
-                task.cancel()
-        document = {"model_name": name, "model_version": served, **({"id": parsed.id} if parsed.id is not None else {})}
-        tensors = output_tensors(results, runtime.pipeline.classes, list(parsed.outputs))
-        return encode_infer_response(document, tensors, parsed.outputs)
+    return await dataplane.infer(runtime, request, timeout_ms, name, version, read_request, encode_infer_response)

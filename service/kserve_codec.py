@@ -127,6 +127,19 @@ class ParsedInfer:
     outputs: dict[str, bool]
 
 
+@dataclass(frozen=True)
+class InferAnswer:
+    """The answer to an infer request: the model's name and version, the request's id (or None),
+    the output tensors in answer order (:func:`output_tensors`), and per output
+    whether the request asked for it as binary data (REST's extension; gRPC always sends raw)."""
+
+    model_name: str
+    model_version: str
+    id: str | None
+    tensors: dict[str, np.ndarray]
+    binary: dict[str, bool]
+
+
 def parse_infer_request(body: bytes, header_length: str | None, max_images: int) -> ParsedInfer:
     """The infer request in ``body`` (a JSON document, or with ``header_length``, a JSON header of
     that many bytes followed by the inputs' binary data).
@@ -143,6 +156,17 @@ def parse_infer_request(body: bytes, header_length: str | None, max_images: int)
         raise BadRequest(f"the inference request is not valid JSON: {exc}") from None
     except ValidationError as exc:
         raise BadRequest(f"malformed inference request: {describe_validation_errors(exc.errors())}") from None
+    return read_infer_request(request, binary, max_images)
+
+
+def read_infer_request(request: InferRequest, binary: memoryview, max_images: int) -> ParsedInfer:
+    """The parsed form of ``request`` whose input, when it has ``parameters.binary_data_size``, holds
+    its values in ``binary`` (the REST binary extension's bytes after the JSON header, or gRPC's
+    ``raw_input_contents``).
+
+    Raises:
+        BadRequest, InvalidParameters: as :func:`parse_infer_request`.
+    """
     unknown = [name for name in request.parameters if name not in (*OPTION_PARAMETERS, *PROTOCOL_PARAMETERS)]
     if unknown:
         raise BadRequest(f"unknown request parameters {unknown}; this model takes {list(OPTION_PARAMETERS)}")
@@ -278,21 +302,30 @@ def output_tensors(results: list[Inference], classes: ClassTable, names: list[st
     return {name: columns[name]() for name in names}
 
 
+def tensor_bytes(datatype: str, values: np.ndarray) -> bytes:
+    """``values`` in the protocol's binary form: row-major little-endian numbers, or for BYTES each
+    element as a 4-byte little-endian length then its bytes."""
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in values.ravel())
+    return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
 def _object_array(elements: list[bytes]) -> np.ndarray:
     array = np.empty(len(elements), dtype=object)
     array[:] = elements
     return array
 
 
-def encode_infer_response(document: dict[str, Any], tensors: dict[str, np.ndarray], binary: dict[str, bool]) -> Response:
-    """The answer: JSON, or with any binary output, the JSON header then the binary data."""
+def encode_infer_response(answer: InferAnswer) -> Response:
+    """The answer over REST: JSON, or with any binary output, the JSON header then the binary data."""
+    document = {"model_name": answer.model_name, "model_version": answer.model_version,
+                **({"id": answer.id} if answer.id is not None else {})}
     outputs, blobs = [], []
-    for name, values in tensors.items():
+    for name, values in answer.tensors.items():
         datatype = OUTPUTS[name][0]
         output: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(values.shape)}
-        if binary[name]:
-            blob = (b"".join(struct.pack("<I", len(v)) + v for v in values.ravel()) if datatype == "BYTES"
-                    else values.tobytes())
+        if answer.binary[name]:
+            blob = tensor_bytes(datatype, values)
             output["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -38,7 +38,9 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.requests = Counter(
-            "maskrcnn_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"],
+            "maskrcnn_requests",
+            "Requests by endpoint (HTTP route or gRPC method), status code (for gRPC, the HTTP status of the same "
+            "error: 200 for OK) and protocol (http, grpc)", ["endpoint", "status", "protocol"],
             registry=self.registry,
         )
         self.stage_seconds = Histogram(

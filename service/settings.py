@@ -75,6 +75,19 @@ class Settings(BaseSettings):
         "maskrcnn", pattern=r"^[A-Za-z0-9_.-]{1,64}$",
         description="The model's name on the KServe v2 routes (/v2/models/NAME/...).",
     )
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the KServe v2 protocol over gRPC (inference.GRPCInferenceService, Triton's 8001), on "
+        "--host, in the same process; 0: any free port; unset: no gRPC.",
+    )
+    # gRPC's own default receive limit is 4 MiB, below one photo's pixels; ours are set explicitly.
+    grpc_max_receive_bytes: int | None = Field(
+        None, ge=4 * 2**20,
+        description="Largest gRPC request message; default: the REST body limit (max_bytes as base64 plus 64 KiB).",
+    )
+    grpc_max_send_bytes: int = Field(
+        64 * 2**20, ge=4 * 2**20, description="Largest gRPC answer message (the detections of every request image)."
+    )
     # Backend options: fields named <backend>_<option> reach that backend's load() as options.
     # One worker drives one engine with one infer request, so LATENCY (one stream using all the
     # session's threads) is the default; THROUGHPUT/streams suit several requests per engine.
@@ -121,3 +134,8 @@ class Settings(BaseSettings):
     def max_body_bytes(self) -> int:
         """Largest request body: an image of max_bytes sent as base64 JSON, plus room for the other fields."""
         return self.max_bytes * 4 // 3 + 64 * 1024
+
+    @property
+    def grpc_receive_limit(self) -> int:
+        """Largest gRPC request message: the setting, or the REST body limit."""
+        return self.grpc_max_receive_bytes or self.max_body_bytes
