@@ -89,7 +89,8 @@ def route_template(scope: Scope, request: Scope) -> str:
     if route is not None:
         return route.path
     for candidate in getattr(getattr(scope.get("app"), "router", None), "routes", ()):
-        if candidate.matches(request)[0] is Match.FULL:
+        # FastAPI's included routers carry no path: their routes set scope["route"] themselves
+        if hasattr(candidate, "path") and candidate.matches(request)[0] is Match.FULL:
             return candidate.path + ("/{path}" if isinstance(candidate, Mount) else "")
     return "unmatched"
 

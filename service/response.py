@@ -30,7 +30,9 @@ class RLE(BaseModel):
 
 
 class Detection(BaseModel):
-    bbox: tuple[float, float, float, float] = Field(description="[x1, y1, x2, y2] in original-image pixels")
+    bbox: tuple[float, float, float, float] = Field(
+        description="[x1, y1, x2, y2] (corners) in original-image pixels; NOT COCO's [x, y, width, height], which "
+        "format=coco answers give")
     score: float
     category_id: int = Field(description="category id (the engine manifest's class table; COCO's for COCO models)")
     category_name: str

@@ -44,11 +44,12 @@ class Settings(BaseSettings):
     max_bytes: int = Field(20 * 2**20, ge=1024, description="Largest encoded image, in bytes.")
     max_pixels: int = Field(40_000_000, ge=1, description="Largest image, in pixels (width x height), checked before decoding.")
     min_side: int = Field(8, ge=1, description="Smallest accepted image side, in pixels.")
-    api_key: SecretStr | None = Field(None, description="When set, every route but health and metrics needs it.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, /predict, /render, /v1/models and the /v2 routes but /v2/health/* need it.")
     decode_jpeg_reduced: bool = Field(
         False,
         description="Decode a JPEG at least twice the engine's input size at 1/2, 1/4 or 1/8 scale (libjpeg DCT "
-        "scaling): faster and smaller, slightly different pixels (README: its measured AP effect). Off: exact decoding.",
+        "scaling): faster and smaller, slightly different pixels. Off: exact decoding.",
     )
     memory_budget_bytes: int | None = Field(
         None, ge=1 << 20,
