@@ -3,7 +3,8 @@
 Offline and fast (CI runs them). The Kubernetes overlays are rendered here in Python (base +
 strategic-merge patches + image overrides: the subset of kustomize that docker/k8s uses), checked
 against ``kubectl kustomize`` where kubectl exists, and validated against the Kubernetes JSON
-schemas bundled in ``kubernetes-validate``. The end-to-end check with a Docker engine is
+schemas bundled in ``kubernetes-validate``; the KServe InferenceServices (docker/k8s/kserve) against
+KServe's own CRD schema, vendored beside this file. The end-to-end check with a Docker engine is
 ``scripts/docker_check.sh`` (not run by CI).
 """
 
@@ -17,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -36,6 +38,10 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "maskrcnn-serve.json"
 K8S_VERSIONS = ("1.25", kubernetes_validate.utils.latest_version())
 SERVICE_PORT = 8000
 SETTINGS_ENV = {f"MASKRCNN_{name.upper()}" for name in Settings.model_fields}
+KSERVE = K8S / "kserve"
+KSERVE_VARIANTS = ("cpu", "gpu")
+# KServe's InferenceService schema (v1beta1), from its published CRD; the file says where from.
+KSERVE_SCHEMA = Path(__file__).with_name("kserve_inferenceservice_v1beta1.schema.json")
 
 
 # ---- a small kustomize: resources, strategic-merge patches, images ---------------------------
@@ -52,7 +58,9 @@ def strategic_merge(base: Any, patch: Any) -> Any:
         return copy.deepcopy(patch)
     merged = copy.deepcopy(base)
     for key, value in patch.items():
-        if key in merged and key in MERGE_KEYS and isinstance(value, list):
+        if value is None:  # a null in a patch deletes the field
+            merged.pop(key, None)
+        elif key in merged and key in MERGE_KEYS and isinstance(value, list):
             merged[key] = _merge_list(merged[key], value, MERGE_KEYS[key])
         elif key in merged:
             merged[key] = strategic_merge(merged[key], value)
@@ -79,6 +87,8 @@ def _identity(doc: dict) -> tuple[str, str]:
 def _pod_specs(doc: dict) -> list[dict]:
     if doc["kind"] in ("Deployment", "Job"):
         return [doc["spec"]["template"]["spec"]]
+    if doc["kind"] == "InferenceService":  # KServe's predictor is a pod spec with its own fields
+        return [doc["spec"]["predictor"]]
     return []
 
 
@@ -248,6 +258,118 @@ def test_service_and_autoscaler_target_the_deployment(overlay):
         if metric["type"] == "Pods":
             assert metric["pods"]["metric"]["name"] in exposed_metric_names()
     assert [m["type"] for m in hpa["metrics"]] == (["Resource"] if name == "cpu" else ["Pods"])
+
+
+# ---- KServe InferenceService -----------------------------------------------------------------------
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema as ``kubectl apply --validate=strict`` reads it: an object with listed properties
+    takes no others (unless it preserves unknown fields)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema \
+            and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        strict["additionalProperties"] = False
+    return strict
+
+
+@pytest.fixture(scope="module")
+def kserve_validator() -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(_strict(json.loads(KSERVE_SCHEMA.read_text())["openAPIV3Schema"]))
+
+
+@pytest.fixture(scope="module", params=KSERVE_VARIANTS)
+def inference_service(request: pytest.FixtureRequest) -> tuple[str, dict]:
+    objects = render(KSERVE / request.param)
+    assert list(objects) == [("InferenceService", "maskrcnn")]
+    return request.param, objects["InferenceService", "maskrcnn"]
+
+
+def _kserve_problems(validator: jsonschema.Draft7Validator, doc: dict) -> list[str]:
+    problems = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1" and doc["kind"] == "InferenceService"
+    try:  # the CRD leaves metadata to Kubernetes: check it as any object's
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]},
+                                     K8S_VERSIONS[-1], strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        problems.append(f"metadata: {exc.message}")
+    return problems
+
+
+def test_inference_services_match_kserves_crd_schema(inference_service, kserve_validator):
+    name, doc = inference_service
+    assert not _kserve_problems(kserve_validator, doc), f"kserve/{name}: {_kserve_problems(kserve_validator, doc)}"
+
+
+@pytest.mark.parametrize("mistake", [
+    lambda d: d["spec"]["predictor"]["containers"][0].update(readinessProbes={}),   # typo
+    lambda d: d["spec"]["predictor"].update(minReplicas="two"),                      # wrong type
+    lambda d: d["spec"]["predictor"].update(scaleMetric="queue"),                    # not in the enum
+    lambda d: d["spec"].update(predictors=d["spec"].pop("predictor")),               # required field missing
+    lambda d: d["metadata"].update(annotation={}),                                   # typo in metadata
+])
+def test_kserve_schema_validation_catches_mistakes(kserve_validator, mistake):
+    doc = copy.deepcopy(render(KSERVE / "cpu")["InferenceService", "maskrcnn"])
+    mistake(doc)
+    assert _kserve_problems(kserve_validator, doc)
+
+
+def _quantity_bytes(value: str) -> int:
+    number, unit = re.fullmatch(r"(\d+)([KMGT]i)?", value).groups()
+    return int(number) * 2 ** (10 * ("KMGT".index(unit[0]) + 1) if unit else 0)
+
+
+def test_inference_service_serves_v2_on_our_ports_probes_and_engine(inference_service):
+    name, doc = inference_service
+    assert doc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"  # two ports
+    predictor = doc["spec"]["predictor"]
+    (server,) = predictor["containers"]
+    assert server["name"] == "kserve-container" and server["image"] == f"maskrcnn-serve:{name}"
+    env = _env(server)
+    assert env["PROTOCOL"] == "v2"
+    unknown = {k for k in env if k not in ("PROTOCOL", "STORAGE_URI")} - SETTINGS_ENV
+    assert not unknown, f"{sorted(unknown)} are not service settings"
+    settings = Settings(**{k.removeprefix("MASKRCNN_").lower(): v for k, v in env.items()
+                           if k.startswith("MASKRCNN_") and isinstance(v, str) and k != "MASKRCNN_ENGINE_DIR"})
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port} == {"http": 8080, "grpc": 8081}
+    assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert server["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert predictor["annotations"]["prometheus.io/port"] == str(settings.port)
+    # the engine: the folder the plain deployment's Job builds on its PVC, mounted by KServe at /mnt/models
+    job = render(K8S / "overlays" / name)["Job", "maskrcnn-build-engine"]["spec"]["template"]["spec"]
+    claim = next(v for v in job["volumes"] if v["name"] == "artifacts")["persistentVolumeClaim"]["claimName"]
+    assert env["STORAGE_URI"] == f"pvc://{claim}/{_env(_container(job, 'build-engine'))['ENGINE_NAME']}"
+    assert env["MASKRCNN_ENGINE_DIR"] == "/mnt/models"
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+
+
+def test_inference_service_resources_hold_the_memory_budget_and_scale(inference_service):
+    name, doc = inference_service
+    predictor = doc["spec"]["predictor"]
+    server = predictor["containers"][0]
+    limits, requests = server["resources"]["limits"], server["resources"]["requests"]
+    # the budget is the default rule's quarter of the memory limit, written out
+    budget = int(_env(server)["MASKRCNN_MEMORY_BUDGET_BYTES"])
+    assert budget * 4 == _quantity_bytes(limits["memory"]) and _quantity_bytes(requests["memory"]) >= budget
+    assert ("nvidia.com/gpu" in limits) == (name == "gpu")
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    autoscaler = doc["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"]
+    if name == "cpu":
+        assert (autoscaler, predictor["scaleMetric"], "autoScaling" in predictor) == ("hpa", "cpu", False)
+        assert 0 < predictor["scaleTarget"] <= 100
+    else:
+        assert (autoscaler, "scaleMetric" in predictor) == ("keda", False)
+        (metric,) = predictor["autoScaling"]["metrics"]
+        query = metric["external"]["metric"]["query"]
+        # namespace and pod: the target labels of Prometheus' usual Kubernetes pod discovery
+        scraped = {sample: labels | {"namespace", "pod"} for sample, labels in exposed_metric_names().items()}
+        assert not promql_problems(query, scraped), query
+        assert "maskrcnn_queue_depth" in query and metric["external"]["target"]["type"] == "AverageValue"
 
 
 # ---- metric names (service/metrics.py) -----------------------------------------------------------
