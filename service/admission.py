@@ -7,13 +7,19 @@ take its body; then it reads the body. The :class:`Admission` it yields is the r
 then on: its deadline, its batcher place, and what it holds of the budget
 (:meth:`Admission.hold_image` once an image's size is known).
 
-Every /predict request reserves what it will hold from a :class:`MemoryBudget`: its body before the
-body is read (the declared ``Content-Length``, or the body limit when the length is not declared),
+Every /predict request reserves what it will hold from a :class:`MemoryBudget`: its body as the body
+arrives (a declared ``Content-Length`` only has to fit what is free when the request is admitted,
+and is charged as its bytes come, so a client that declares 50 MB and sends nothing holds nothing),
 then, once the image header gives the size, its decoded pixels and its preprocessed tensor. A
 reservation that does not fit is refused with 503 and ``Retry-After`` (``Overloaded``), so a burst
 of large uploads waits at the client instead of growing the process past its container's limit.
-What a request holds is released as soon as it is not needed (decoded pixels after preprocessing)
-and entirely when its answer is built.
+What a request holds is released as soon as it is not needed (decoded pixels after preprocessing,
+the body's bytes when the body is refused) and entirely when its answer is built.
+
+The body must keep coming (:class:`BodyReceiver`): no pause longer than the idle timeout, an average
+rate above the minimum once the grace period has passed, and all of it before the request's
+deadline; a slower client is answered 408 with ``Connection: close`` (:class:`SlowBody`) and counted.
+A request's batcher place is taken once its body has arrived, so clients still sending hold no place.
 
 The default budget follows the memory limit of the container (cgroup v2 ``memory.max`` or v1
 ``memory.limit_in_bytes``, else the machine's RAM): a quarter of it, between 256 MiB and 2 GiB;
@@ -29,8 +35,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 from starlette.requests import Request
+from starlette.types import Message
 
 from service.batcher import Batcher, Slot
 from service.exceptions import DeadlineExceeded, NotReady, Overloaded, ServiceError
@@ -89,7 +96,10 @@ class MemoryBudget:
         """An empty reservation; use as ``with budget.reservation() as held: held.hold(...)``."""
         return Reservation(self)
 
-    def _take(self, nbytes: int, what: str) -> None:
+    def check(self, nbytes: int, what: str) -> None:
+        """Raise :class:`Overloaded` (503) unless ``nbytes`` more would fit now; nothing is held.
+
+        ``what`` names the need in the message ("the request body")."""
         if self.in_use_bytes + nbytes > self.limit_bytes:
             raise Overloaded(
                 f"{what} needs {nbytes / 2**20:.1f} MiB and the requests in flight hold "
@@ -97,6 +107,9 @@ class MemoryBudget:
                 "(MASKRCNN_MEMORY_BUDGET_BYTES); retry later",
                 retry_after_s=self._retry_after_s,
             )
+
+    def _take(self, nbytes: int, what: str) -> None:
+        self.check(nbytes, what)
         self.in_use_bytes += nbytes
 
     def _give(self, nbytes: int) -> None:
@@ -151,20 +164,127 @@ class ImageHold:
         self._reservation.release("pixels")
 
 
+class SlowBody(ServiceError):
+    """408 with ``Connection: close``: the request body paused too long, arrived too slowly or was
+    still arriving at the request's deadline; ``reason`` is ``idle``, ``rate`` or ``deadline``."""
+
+    status_code = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+        self.reason = reason
+
+
+class BodyReceiver:
+    """The ASGI ``receive`` an admitted request's body is read through (``request`` reads through it).
+
+    Memory: what arrives is held in ``reservation`` (part ``body``) as it arrives, in proportion to
+    what the whole body will hold (``expected_bytes`` for a body of ``size`` bytes, see
+    :func:`service.request.body_bytes_to_hold`).
+
+    Time (event-loop seconds): each part must arrive within ``body_idle_timeout_s`` of the one
+    before, the average rate since the first read must stay at ``body_min_rate_bytes_per_s`` or
+    more once ``body_rate_grace_s`` have passed, and the whole body must come before ``deadline``;
+    else :class:`SlowBody` (408), counted in ``slow_clients`` by reason.
+
+    ``complete`` says whether the whole body arrived (or was received whole before admission, as
+    gRPC's message is), so a refusal can close a connection whose body was left unread (a client
+    still trickling it would otherwise keep the connection forever).
+    """
+
+    def __init__(self, request: Request, reservation: Reservation, expected_bytes: int, size: int,
+                 settings: Settings, deadline: float, slow_clients: Counter) -> None:
+        self.request = Request(request.scope, self.receive)
+        # a body received whole before admission (gRPC's message) is not read through here
+        self.complete: bool = getattr(request.state, "body_done", False)
+        self.arrived = 0
+        self._receive = request.receive
+        self._reservation = reservation
+        self._expected = expected_bytes
+        self._size = size
+        self._held = 0
+        self._settings = settings
+        self._deadline = deadline
+        self._slow_clients = slow_clients
+        self._metering = True
+        self._first_read: float | None = None
+        self._last_arrival = 0.0
+
+    async def receive(self) -> Message:
+        if not self._metering:
+            return self._observe(await self._receive())
+        loop = asyncio.get_running_loop()
+        if self._first_read is None:
+            self._first_read = self._last_arrival = loop.time()
+        reason, by = self._next_arrival_by()
+        try:
+            async with asyncio.timeout_at(by):
+                message = await self._receive()
+        except TimeoutError:
+            self._slow_clients.labels(reason).inc()
+            raise self._too_slow(reason, loop.time() - self._first_read) from None
+        self._last_arrival = loop.time()
+        self._observe(message)
+        held = self._expected if self.complete else min(self._expected, self._expected * self.arrived // self._size)
+        if held > self._held:
+            self._reservation.hold("body", held - self._held, "the request body")
+            self._held = held
+        return message
+
+    def _observe(self, message: Message) -> Message:
+        if message["type"] == "http.request":
+            self.arrived += len(message.get("body", b""))
+            self.complete = not message.get("more_body", False)
+        return message
+
+    def _next_arrival_by(self) -> tuple[str, float]:
+        """The rule the next part of the body must meet first, and by when (event-loop time)."""
+        settings = self._settings
+        rules = [("idle", self._last_arrival + settings.body_idle_timeout_s), ("deadline", self._deadline)]
+        if settings.body_min_rate_bytes_per_s:
+            rules.append(("rate", self._first_read + max(settings.body_rate_grace_s,
+                                                         self.arrived / settings.body_min_rate_bytes_per_s)))
+        return min(rules, key=lambda rule: rule[1])
+
+    def _too_slow(self, reason: str, elapsed_s: float) -> SlowBody:
+        settings = self._settings
+        came = f"{self.arrived} of {self._size} bytes came in {elapsed_s:.1f} s"
+        message = {
+            "idle": f"no part of the request body arrived for {settings.body_idle_timeout_s:g} s "
+                    f"(MASKRCNN_BODY_IDLE_TIMEOUT_S); {came}",
+            "rate": f"the request body arrived at {self.arrived / max(elapsed_s, 1e-9) / 1000:.1f} kB/s on average, "
+                    f"below the minimum of {settings.body_min_rate_bytes_per_s / 1000:g} kB/s "
+                    f"(MASKRCNN_BODY_MIN_RATE_BYTES_PER_S); {came}",
+            "deadline": f"the request's deadline passed while its body was arriving; {came}",
+        }[reason]
+        return SlowBody(message, reason)
+
+    async def refused(self, error: ServiceError, max_drain_bytes: int) -> None:
+        """The request is refused with ``error``: give back what its body holds (the bytes are dropped),
+        read and drop the rest of the body (not from a client too slow to send it), and answer with
+        ``Connection: close`` unless the whole body arrived."""
+        self._reservation.release("body")
+        self._metering = False
+        if not isinstance(error, SlowBody):
+            await discard_body(self.request, max_drain_bytes)
+        if not self.complete:
+            error.headers["Connection"] = "close"
+
+
 class Admission(Generic[P]):
     """An admitted request: its read body (``payload``), event-loop ``started`` and ``deadline``,
     its place in the batcher, and its share of the memory budget (the body is held there). Everything
     is given back when the :meth:`AdmissionControl.admit` block ends."""
 
-    def __init__(self, request: Request, budget: MemoryBudget, batcher: Batcher, started: float, deadline: float,
-                 slot: Slot) -> None:
+    def __init__(self, request: Request, budget: MemoryBudget, batcher: Batcher, started: float, deadline: float) -> None:
         self.request = request
         self.started = started
         self.deadline = deadline
         self.payload: P | None = None
         self._budget = budget
         self._batcher = batcher
-        self._slots = [slot]
+        self._slots: list[Slot] = []  # the first is taken once the body has arrived
         self._slot_taken = False
         self._reservations = [budget.reservation()]
 
@@ -220,7 +340,7 @@ class Admission(Generic[P]):
 
 
 class AdmissionControl:
-    """Admits requests: readiness, a batcher place, a reachable deadline and memory for the body.
+    """Admits requests: readiness, room in the batcher, a reachable deadline and memory for the body.
 
     Attributes:
         not_ready_reason: why the service takes no requests yet (warming up, shutting down), or
@@ -228,15 +348,17 @@ class AdmissionControl:
     """
 
     def __init__(self, settings: Settings, budget: MemoryBudget, batcher: Batcher, serving: Callable[[], bool],
-                 in_flight: Gauge) -> None:
+                 in_flight: Gauge, slow_clients: Counter) -> None:
         """``serving()``: whether an engine session can take a batch; ``in_flight``: the gauge of
-        requests being handled."""
+        requests being handled; ``slow_clients``: the counter of bodies refused as too slow, by
+        ``reason`` (idle, rate, deadline)."""
         self.settings = settings
         self.budget = budget
         self.not_ready_reason: str | None = "the engine is warming up"
         self._batcher = batcher
         self._serving = serving
         self._in_flight = in_flight
+        self._slow_clients = slow_clients
 
     def require_ready(self) -> None:
         """Raise :class:`NotReady` (503) unless warmed up and at least one engine session serves."""
@@ -252,30 +374,43 @@ class AdmissionControl:
     ) -> AsyncIterator[Admission[P]]:
         """Admit one request, then read its body with ``read_body(request, max_body_bytes)``.
 
-        Admission happens before the body is read, once: readiness, a batcher place and whether the
-        deadline (``timeout_ms``, default the setting) can be met, memory for the body. A request
-        refused then, or whose body is refused, has the rest of its body drained before the error
-        is raised. The request counts as in flight, and holds its place and memory, until the block
-        ends.
+        Before the body is read: readiness, room in the batcher, whether the deadline (``timeout_ms``,
+        default the setting) can be met and whether the whole body would fit the memory budget now.
+        The body is then read through a :class:`BodyReceiver` (held as it arrives, 408 when too
+        slow) and the request takes its batcher place once the body is in: a client still sending
+        holds neither a place nor memory it has not sent. A body already received whole (gRPC's
+        message, ``request.state.body_done``) is held at once. A refused request has what its body
+        holds given back, the rest of its body drained (not a too slow one's), and its connection
+        closed unless the whole body arrived. The request counts as in flight, and holds its place
+        and memory, until the block ends.
 
         Raises:
-            NotReady, Overloaded, DeadlineUnreachable (503); whatever ``read_body`` raises.
+            NotReady, Overloaded, DeadlineUnreachable (503); SlowBody (408); whatever ``read_body``
+            raises.
         """
         settings = self.settings
         started = asyncio.get_running_loop().time()
         deadline = started + (timeout_ms or settings.request_timeout_ms) / 1000
-        admission: Admission[P] | None = None
+        admission: Admission[P] = Admission(request, self.budget, self._batcher, started, deadline)
+        declared = request.headers.get("content-length", "")
+        size = min(int(declared), settings.max_body_bytes) if declared.isdigit() else settings.max_body_bytes
+        expected = body_bytes_to_hold(request, settings.max_body_bytes)
+        body = BodyReceiver(request, admission.body, expected, max(size, 1), settings, deadline, self._slow_clients)
         with self._in_flight.track_inprogress():
             try:
                 try:
                     self.require_ready()
-                    admission = Admission(request, self.budget, self._batcher, started, deadline, self._batcher.reserve(deadline))
-                    admission.body.hold("body", body_bytes_to_hold(request, settings.max_body_bytes), "the request body")
-                    admission.payload = await read_body(request, settings.max_body_bytes)
-                except ServiceError:
-                    await discard_body(request, settings.max_drain_bytes)
+                    self._batcher.check_capacity()
+                    self._batcher.check_deadline(deadline)
+                    if body.complete:
+                        admission.body.hold("body", expected, "the request body")
+                    else:
+                        self.budget.check(expected, "the request body")
+                    admission.payload = await read_body(body.request, settings.max_body_bytes)
+                    admission._slots.append(self._batcher.reserve(deadline))
+                except ServiceError as error:
+                    await body.refused(error, settings.max_drain_bytes)
                     raise
                 yield admission
             finally:
-                if admission is not None:
-                    admission._release()
+                admission._release()

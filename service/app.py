@@ -75,7 +75,8 @@ def create_app(
         pipeline = Pipeline(settings, pool, metrics)
         _log_engine(pool, pipeline.max_batch_size, settings)
         budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
-        admission = AdmissionControl(settings, budget, pipeline.batcher, lambda: pool.serving, metrics.in_flight)
+        admission = AdmissionControl(settings, budget, pipeline.batcher, lambda: pool.serving, metrics.in_flight,
+                                     metrics.slow_clients)
         manifest = pool.manifest
         metrics.queue_depth.set_function(lambda: pipeline.batcher.depth)
         metrics.engine.info({

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.settings import Settings
+from service.tracing import uvicorn_log_config
 
 ENV_ONLY = ("api_key",)
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app fails to start
@@ -131,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
+            log_config=uvicorn_log_config(settings),  # with traces on, access lines name the trace
             timeout_graceful_shutdown=settings.grace_period_s,
+            # uvicorn counts connections, which the app cannot see; beyond the cap it answers 503 with
+            # Connection: close before the app runs, so a flood of sockets costs no request work.
+            limit_concurrency=settings.max_connections,
         )
     )
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal to the handler that was there

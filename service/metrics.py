@@ -72,6 +72,11 @@ class Metrics:
         self.worker_restarts = Counter(
             "maskrcnn_worker_restarts", "Batcher workers restarted after ending unexpectedly", registry=self.registry
         )
+        self.slow_clients = Counter(
+            "maskrcnn_slow_clients",
+            "Requests answered 408 because their body paused too long (idle), arrived below the minimum rate (rate) "
+            "or was still arriving at the request's deadline (deadline)", ["reason"], registry=self.registry,
+        )
 
     def observe_stages(self, seconds: StageSeconds) -> None:
         for stage, value in seconds.items():

@@ -61,6 +61,26 @@ class Settings(BaseSettings):
         description="A request refused before its body is read has up to this much of the body read and dropped, "
         "so clients that send before reading get the error, not a reset.",
     )
+    # Slow senders: without these a client that declares a body and sends it slowly, or not at
+    # all, keeps its connection and request forever (uvicorn has no body timeout). The defaults
+    # pass a real client on a slow link (50 kB/s is a 2 MB photo in 40 s).
+    body_idle_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="Longest pause while a request body arrives, in seconds; past it, 408 and the connection closed.",
+    )
+    body_min_rate_bytes_per_s: int = Field(
+        50_000, ge=0,
+        description="Slowest average rate a request body may arrive at once body_rate_grace_s have passed, in bytes "
+        "per second; below it, 408 and the connection closed. 0: no minimum.",
+    )
+    body_rate_grace_s: float = Field(
+        5.0, ge=0, le=3600, description="Seconds a request body may take before the minimum rate applies."
+    )
+    max_connections: int = Field(
+        1000, ge=1,
+        description="Open connections this process serves (maskrcnn-serve's uvicorn limit_concurrency); a request "
+        "beyond them is answered 503 at once and its connection closed. Keep it below the open-file limit (ulimit -n).",
+    )
     engine_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest one engine call may take; past it, 504 and the session is replaced."
     )

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 
-from service.admission import AdmissionControl, MemoryBudget, image_bytes
+from service.admission import AdmissionControl, MemoryBudget, SlowBody, image_bytes
 from service.batcher import Batcher
 from service.exceptions import DeadlineExceeded, DeadlineUnreachable, NotReady, Overloaded, PayloadTooLarge
 from service.request import read_body
@@ -40,8 +40,10 @@ async def echo(batch):
 
 
 def control(settings: Settings, batcher: Batcher, budget_bytes: int = 64 * 2**20) -> AdmissionControl:
-    gauge = Gauge("in_flight", "requests in flight", registry=CollectorRegistry())
-    admission = AdmissionControl(settings, MemoryBudget(budget_bytes, 1), batcher, lambda: True, gauge)
+    registry = CollectorRegistry()
+    gauge = Gauge("in_flight", "requests in flight", registry=registry)
+    slow = Counter("slow_clients", "bodies too slow", ["reason"], registry=registry)
+    admission = AdmissionControl(settings, MemoryBudget(budget_bytes, 1), batcher, lambda: True, gauge, slow)
     admission.not_ready_reason = None
     return admission
 
@@ -124,5 +126,98 @@ def test_memory_refusal_and_deadline_checks():
                 async with gate.admit(too_long, None, lambda request, limit: read_body(request, 50)):
                     pass
             assert gate.budget.in_use_bytes == 0 and batcher._slots == 0
+
+    asyncio.run(main())
+
+
+def request_arriving(parts: list[tuple[float, bytes]], declared: int) -> Request:
+    """A Starlette request whose body parts arrive after the given pauses (seconds), the last
+    with ``more_body`` false unless the sum of parts is short of ``declared``; then nothing more."""
+    pending = list(parts)
+    sent = 0
+
+    async def receive():
+        nonlocal sent
+        if not pending:
+            await asyncio.sleep(3600)
+        pause, part = pending.pop(0)
+        await asyncio.sleep(pause)
+        sent += len(part)
+        return {"type": "http.request", "body": part, "more_body": sent < declared}
+
+    headers = [(b"content-type", b"image/png"), (b"content-length", str(declared).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/predict", "headers": headers}, receive)
+
+
+def slow_clients(gate: AdmissionControl) -> dict[str, float]:
+    return {s.labels["reason"]: s.value for m in gate._slow_clients.collect() for s in m.samples
+            if s.name.endswith("_total")}
+
+
+def test_the_body_is_held_as_it_arrives_not_as_declared():
+    async def main():
+        async with Batcher(echo, max_batch_size=1, max_wait_s=0, max_queue_depth=2) as batcher:
+            gate = control(Settings(), batcher, budget_bytes=10_000)
+            held = []
+
+            async def read_watching(request, limit):
+                while True:
+                    message = await request.receive()
+                    held.append((gate.budget.in_use_bytes, batcher._slots))
+                    if not message["more_body"]:
+                        return b""
+
+            # 4000 bytes declared: 8000 would be held once read, so a second one does not fit now
+            request = request_arriving([(0, b"a" * 1000), (0.01, b"b" * 1000), (0.01, b"c" * 2000)], 4000)
+            async with gate.admit(request, None, read_watching):
+                assert held == [(2000, 0), (4000, 0), (8000, 0)]  # two bytes a byte (chunks and join); no place yet
+                assert batcher._slots == 1  # taken once the body is in
+                with pytest.raises(Overloaded, match="the request body needs"):
+                    async with gate.admit(request_arriving([(0, b"d" * 4000)], 4000), None, read_body):
+                        pass
+            assert gate.budget.in_use_bytes == 0 and batcher._slots == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("reason, settings, parts, timeout_ms", [
+    # one part, then a pause longer than the idle timeout (the rate rule is off)
+    ("idle", dict(body_idle_timeout_s=0.2, body_min_rate_bytes_per_s=0), [(0, b"x" * 100)], None),
+    # 100 bytes every 50 ms is 2 kB/s, under the 10 kB/s minimum once the 0.2 s grace is over
+    ("rate", dict(body_min_rate_bytes_per_s=10_000, body_rate_grace_s=0.2), [(0.05, b"x" * 100)] * 100, None),
+    # fast enough, but the request's deadline (300 ms) passes first
+    ("deadline", dict(body_min_rate_bytes_per_s=100, body_rate_grace_s=1), [(0.05, b"x" * 100)] * 100, 300),
+])
+def test_a_body_too_slow_is_refused_with_408_its_hold_released_and_counted(reason, settings, parts, timeout_ms):
+    async def main():
+        async with Batcher(echo, max_batch_size=1, max_wait_s=0, max_queue_depth=2) as batcher:
+            gate = control(Settings(**settings), batcher)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(SlowBody) as refused:
+                async with gate.admit(request_arriving(parts, 1_000_000), timeout_ms, read_body):
+                    pass
+            elapsed = asyncio.get_running_loop().time() - started
+            assert refused.value.status_code == 408 and refused.value.reason == reason
+            assert refused.value.headers["Connection"] == "close"
+            assert gate.budget.in_use_bytes == 0 and batcher._slots == 0
+            assert slow_clients(gate) == {reason: 1.0}
+            return elapsed
+
+    assert 0.15 < asyncio.run(main()) < 1.0
+
+
+def test_a_body_above_the_minimum_rate_is_read_whole():
+    # 100 bytes every 40 ms is 2.5 kB/s (a little less on a busy machine), above the 1 kB/s minimum
+    # once the grace (0.3 s) has passed; 1.2 s in all. tests/service/test_slow_senders.py sends one
+    # over a socket at the default minimum rate.
+    parts = [(0.04, b"x" * 100)] * 30
+    settings = Settings(body_min_rate_bytes_per_s=1000, body_rate_grace_s=0.3, body_idle_timeout_s=0.5)
+
+    async def main():
+        async with Batcher(echo, max_batch_size=1, max_wait_s=0, max_queue_depth=2) as batcher:
+            gate = control(settings, batcher)
+            async with gate.admit(request_arriving(parts, 3000), None, read_body) as admission:
+                assert admission.payload == b"x" * 3000
+            assert gate.budget.in_use_bytes == 0 and slow_clients(gate) == {}
 
     asyncio.run(main())
