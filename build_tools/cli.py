@@ -212,6 +212,11 @@ def _summary(manifest: Manifest, out: str | Path) -> str:
             f"mask IoU {p.mask_iou_mean:.4f}, box AP {_fraction(p.box_ap)}, mask AP {_fraction(p.mask_ap)} "
             f"({'passed' if p.passed else 'FAILED: ' + '; '.join(p.failures)})"
         )
+        if p.exclusions is not None:
+            ex = p.exclusions
+            lines.append(f"  left out of matching: {ex.small_reference} reference / {ex.small_engine} engine boxes under "
+                         f"{ex.min_box_side_px:g} px, {ex.at_cut} at the engine's score cut, {ex.tied} tied NMS swaps; "
+                         f"{ex.judged} of {p.reference_detections} reference detections judged")
     return "\n".join(lines)
 
 

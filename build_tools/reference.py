@@ -85,3 +85,31 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+# torch's fp32 settings the reference runs under: oneDNN convolutions and matmuls in IEEE fp32
+# (torch's default is "none", which leaves oneDNN free to follow ONEDNN_DEFAULT_FPMATH_MODE, e.g. bf16
+# on an AMX CPU) and matmuls at "highest" (no TF32/bf16 passes).
+FP32_PINS = {"torch.backends.mkldnn.fp32_precision": "ieee", "torch.float32_matmul_precision": "highest"}
+
+
+@contextlib.contextmanager
+def fp32_pinned() -> Iterator[dict[str, str]]:
+    """Run torch's fp32 paths at full IEEE fp32 inside the block (:data:`FP32_PINS`), restoring the
+    previous settings after; yields what was pinned, with ``ONEDNN_DEFAULT_FPMATH_MODE`` and
+    ``ONEDNN_MAX_CPU_ISA`` when set (they change oneDNN's kernels, not the precision asked for)."""
+    import os
+
+    mkldnn = torch.backends.mkldnn
+    previous = (mkldnn.fp32_precision, mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision,
+                torch.get_float32_matmul_precision())
+    mkldnn.fp32_precision = mkldnn.conv.fp32_precision = mkldnn.matmul.fp32_precision = "ieee"
+    torch.set_float32_matmul_precision("highest")
+    record = dict(FP32_PINS)
+    record.update({name: os.environ[name] for name in ("ONEDNN_DEFAULT_FPMATH_MODE", "ONEDNN_MAX_CPU_ISA")
+                   if name in os.environ})
+    try:
+        yield record
+    finally:
+        mkldnn.fp32_precision, mkldnn.conv.fp32_precision, mkldnn.matmul.fp32_precision = previous[:3]
+        torch.set_float32_matmul_precision(previous[3])

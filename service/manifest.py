@@ -257,6 +257,22 @@ class ReferenceRecord(_Section):
     detail: str = ""
 
 
+class ParityExclusions(_Section):
+    """Reference detections the gate did not hold the engine to, by reason (build_tools.verify.Tolerance):
+    ``small_reference``/``small_engine`` boxes with a side under ``min_box_side_px`` (left out of
+    matching and AP), ``at_cut`` (scored at the engine's lowest score: a top-k or threshold cut may
+    have dropped either), ``tied`` (the engine kept an overlapping same-class candidate of a score
+    within the tie tolerance instead: NMS between tied scores keeps either); ``judged``: the
+    reference detections the match rate is over."""
+
+    min_box_side_px: float
+    small_reference: int
+    small_engine: int
+    at_cut: int
+    tied: int
+    judged: int
+
+
 class ParityReport(_Section):
     """The build's verify report: the engine against its reference (the origin framework's model
     where it runs) on the same images."""
@@ -278,6 +294,11 @@ class ParityReport(_Section):
     mask_ap50: float | None
     ap_delta_points: APDelta
     timing: ParityTiming
+    exclusions: ParityExclusions | None = Field(
+        default=None, description="what matching left out, by reason (absent in manifests of older builds)")
+    fp32_pins: dict[str, str] = Field(
+        default_factory=dict, description="the precision each fp32 path was pinned to: the reference's torch "
+        "settings and the engine's (absent in manifests of older builds)")
     tolerance: dict[str, float] = Field(default_factory=dict)
     passed: bool = True
     failures: list[str] = Field(default_factory=list)

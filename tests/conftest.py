@@ -14,6 +14,7 @@ What tests share (import plain functions with ``from conftest import ...``):
 - ``cache_key(**params)`` and ``build_into(folder, build)``: how a test caches an artifact of its
   own under ``CACHE`` (the key changes with ``PRODUCERS``, the build is renamed into place);
 - ``minimal_manifest`` (a valid manifest without a real model), ``openvino_has_bf16``, ``ROOT``;
+- ``perturb_batch_norms_(model, seed)``: non-identity BN statistics for random mmdet checkpoints;
 - ``wait_until(condition)``: poll, fail the test when it stays false.
 
 A live server (in-process or a ``maskrcnn-serve`` subprocess) comes from ``serving`` in
@@ -177,6 +178,24 @@ def engine_dir_mutable() -> Path:
     """ONNX Runtime fp32 artifact with a mutable batch (max 4), random-init weights, score
     threshold 0; tests/test_mutable_batch.py checks its parity."""
     return cached_mutable_artifact(max_batch=4)
+
+
+def perturb_batch_norms_(model, seed: int) -> None:
+    """Non-identity frozen BN statistics near identity, so a swapped or dropped BN buffer shows. The
+    scales are perturbed multiplicatively: ``init_random_``'s scaled residual branches of deep stages
+    stay scaled (replaced by ~1, R101's features grow 5x and every RPN score saturates at 1)."""
+    import torch
+    from torchvision.ops import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                n = module.weight.numel()
+                module.weight.mul_(1 + 0.1 * torch.randn(n, generator=gen))
+                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
+                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                module.running_var.copy_(torch.exp(0.2 * torch.randn(n, generator=gen)))
 
 
 def minimal_manifest(folder: Path, batch_size: int = 1, **changes):

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_batch_norms_
 from build_tools.mmdet_reference import (
     MASK_RCNN_R50_FPN,
     MMDetReference,
@@ -32,7 +33,7 @@ from build_tools.mmdet_reference import (
 )
 from pycocotools import mask as coco_mask
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.ops import box_iou
 
 from build_tools.checkpoint import load_checkpoint, save_mmdet_checkpoint
 from build_tools.model import build_model, init_random_
@@ -59,21 +60,6 @@ class PhotoRun:
     our_features: list[torch.Tensor]
     ours: ImageDetections
     our_masks: np.ndarray  # bool [K, h0, w0], decoded from our RLEs
-
-
-def perturb_batch_norms_(model, seed: int) -> None:
-    """Non-identity frozen BN statistics near identity, so a swapped or dropped BN buffer shows. The
-    scales are perturbed multiplicatively: ``init_random_``'s scaled residual branches of deep stages
-    stay scaled (replaced by ~1, R101's features grow 5x and every RPN score saturates at 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, FrozenBatchNorm2d):
-                n = module.weight.numel()
-                module.weight.mul_(1 + 0.1 * torch.randn(n, generator=gen))
-                module.bias.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
-                module.running_var.copy_(torch.exp(0.2 * torch.randn(n, generator=gen)))
 
 
 @dataclass(frozen=True)
