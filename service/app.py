@@ -18,7 +18,9 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import grpc_server, kserve, kserve_codec
 
@@ -123,8 +125,42 @@ def create_app(
     app.include_router(kserve.probes)
     app.include_router(page)
     app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
+    app.add_middleware(PageHeaders)
     _document_limits(app, settings)
     return app
+
+
+class PageHeaders:
+    """ASGI middleware: the browser page's responses (``/`` and ``/page/...``) carry :data:`PAGE_HEADERS`.
+
+    The page holds an API key field: its scripts and styles come from this server only (none inline),
+    nothing it loads comes from elsewhere, and no other site may frame it (clickjacking). Only the
+    page: Swagger UI at /docs runs an inline script."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not (scope["path"] == "/" or scope["path"].startswith("/page/")):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).update(PAGE_HEADERS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+PAGE_HEADERS = {
+    # img-src blob: the page shows the picked file through an object URL
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+                               "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",  # frame-ancestors for browsers older than CSP 2
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _log_engine(pool: EnginePool, max_batch_size: int, settings: Settings) -> None:

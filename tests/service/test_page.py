@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -23,6 +26,10 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run")
+# Run by the browser in every document before the page's own scripts (DevTools injects it, so the
+# page's policy does not apply to it): records what the page's Content-Security-Policy refused.
+RECORD_CSP_VIOLATIONS = ("window.cspViolations = []; document.addEventListener('securitypolicyviolation', "
+                         "(e) => window.cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));")
 
 
 @pytest.fixture
@@ -37,6 +44,7 @@ def browser() -> Iterator:
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORD_CSP_VIOLATIONS})
     try:
         yield driver
     finally:
@@ -64,6 +72,16 @@ def _matches(rows: list[list[str]], detections: list[dict]) -> None:
         assert float(score) == pytest.approx(expected["score"], abs=5e-4)
         assert [float(v) for v in box.split(",")] == pytest.approx(expected["bbox"], abs=0.05)
         assert int(area) == int(coco_mask.area(expected["segmentation"]))
+
+
+def test_the_page_and_its_files_carry_a_strict_policy(server):
+    for path in ("/", "/page/app.js", "/page/style.css"):
+        headers = httpx.get(server.url + path).headers
+        policy = dict(directive.strip().split(" ", 1) for directive in headers["content-security-policy"].split(";"))
+        assert policy["script-src"] == policy["style-src"] == "'self'", policy
+        assert policy["default-src"] == "'self'" and policy["frame-ancestors"] == "'none'", policy
+        assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    assert "content-security-policy" not in httpx.get(server.url + "/docs").headers  # Swagger UI's inline script
 
 
 def test_upload_draws_the_overlay_and_lists_what_predict_answers(server, browser, photos):
@@ -95,3 +113,31 @@ def test_upload_draws_the_overlay_and_lists_what_predict_answers(server, browser
     _matches(_rows(browser), [d for d in answer if d["score"] >= lower])
     assert len(_rows(browser)) > 0
     assert server.metric("maskrcnn_requests_total", endpoint="/predict", status="200") == sent_before + 1
+
+    # all of it under the page's policy, which refused nothing; an inline script it does refuse
+    assert browser.execute_script("return window.cspViolations") == []
+    browser.execute_script("const s = document.createElement('script'); s.textContent = 'window.inlineRan = true';"
+                           "document.body.append(s);")
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return window.cspViolations.length"))
+    assert browser.execute_script("return [window.inlineRan, window.cspViolations]") == [None, ["script-src-elem inline"]]
+
+
+def test_no_other_site_can_frame_the_page(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    # another site (another port: another origin) frames the page and, as a control, /docs (no frame-ancestors)
+    (tmp_path / "framing.html").write_text(
+        f'<iframe id="page" src="{server.url}/"></iframe><iframe id="docs" src="{server.url}/docs"></iframe>')
+    other_site = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=tmp_path))
+    threading.Thread(target=other_site.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{other_site.server_address[1]}/framing.html")  # returns once the frames loaded
+        shown = {}
+        for frame in ("page", "docs"):
+            browser.switch_to.frame(browser.find_element(By.ID, frame))
+            shown[frame] = (browser.execute_script("return document.URL.split(':')[0]"),
+                            bool(browser.find_elements(By.CSS_SELECTOR, "#file, #swagger-ui")))
+            browser.switch_to.default_content()
+    finally:
+        other_site.shutdown()
+    assert shown == {"page": ("chrome-error", False), "docs": ("http", True)}, shown
