@@ -289,10 +289,11 @@ class ReferenceRun:
 
 class MMDetReference:
     """mmdet's Mask R-CNN (``model``: an mmdet model config, default R50-FPN) with a checkpoint,
-    and its test-time stages one by one; ``classes`` names its classes (default COCO's)."""
+    and its test-time stages one by one; ``classes`` names its classes (default COCO's), ``scale``
+    is the test pipeline's (long, short) resize limit (default mmdet's 1333x800)."""
 
     def __init__(self, checkpoint: str | Path, model: dict = MASK_RCNN_R50_FPN,
-                 classes: tuple[str, ...] | None = None):
+                 classes: tuple[str, ...] | None = None, scale: tuple[int, int] = (1333, 800)):
         install_ops()
         from mmdet.evaluation import get_classes
         from mmdet.registry import MODELS
@@ -302,8 +303,10 @@ class MMDetReference:
 
         # What mmdet.apis.init_detector does, with strict loading (every key of the file must
         # fit; init_detector only logs mismatches) and without its global warning filter change.
+        # ``scale`` (long, short): the test pipeline's Resize, as the engine's build recorded it
+        pipeline = [dict(step, scale=tuple(scale)) if step["type"] == "Resize" else step for step in TEST_PIPELINE]
         config = Config(
-            dict(model=model, test_dataloader=dict(dataset=dict(pipeline=TEST_PIPELINE)))
+            dict(model=model, test_dataloader=dict(dataset=dict(pipeline=pipeline)))
         )
         init_default_scope("mmdet")
         self.model = MODELS.build(config.model)

@@ -183,7 +183,8 @@ def mmdet_model_config(config: InferenceConfig) -> dict:
 def mmdet_detect(checkpoint_path: str, config: InferenceConfig, class_names: Sequence[str]
                  ) -> Callable[[np.ndarray], ImageDetections]:
     """mmdet's own model of an mmdet checkpoint file (``inference_detector`` on the image as mmcv
-    reads files, BGR), with ``config``'s score threshold."""
+    reads files, BGR), with ``config``'s score threshold and resize scale (a smaller one builds
+    cheap smoke and test engines)."""
     from build_tools.mmdet_reference import MMDetReference
 
     model_config = mmdet_model_config(config)
@@ -191,7 +192,7 @@ def mmdet_detect(checkpoint_path: str, config: InferenceConfig, class_names: Seq
     model_config["test_cfg"]["rcnn"] = dict(model_config["test_cfg"]["rcnn"], score_thr=config.score_thresh,
                                             max_per_img=config.detections_per_img,
                                             mask_thr_binary=config.mask_threshold)
-    reference = MMDetReference(checkpoint_path, model_config, tuple(class_names))
+    reference = MMDetReference(checkpoint_path, model_config, tuple(class_names), scale=config.resize_scale)
 
     def detect(rgb: np.ndarray) -> ImageDetections:
         run = reference.detect(np.ascontiguousarray(rgb[:, :, ::-1]))
