@@ -2,10 +2,10 @@
 memory the requests being handled may hold.
 
 :class:`AdmissionControl` (one per app) admits a request when the engine is ready, the batcher
-gives it a place and its deadline can be met by the batcher's estimate, and the memory budget can
-take its body; then it reads the body. The :class:`Admission` it yields is the request's from
-then on: its deadline, its batcher place, and what it holds of the budget
-(:meth:`Admission.hold_image` once an image's size is known).
+has room and its deadline can be met by the batcher's estimate, and the memory budget can take its
+body; then it reads the body and takes the request's batcher place. The :class:`Admission` it
+yields is the request's from then on: its deadline, its batcher place, and what it holds of the
+budget (:meth:`Admission.hold_image` once an image's size is known).
 
 Every /predict request reserves what it will hold from a :class:`MemoryBudget`: its body as the body
 arrives (a declared ``Content-Length`` only has to fit what is free when the request is admitted,
@@ -194,7 +194,7 @@ class BodyReceiver:
     """
 
     def __init__(self, request: Request, reservation: Reservation, expected_bytes: int, size: int,
-                 settings: Settings, deadline: float, slow_clients: Counter) -> None:
+                 settings: Settings, deadline: float, slow_clients: Counter | None) -> None:
         self.request = Request(request.scope, self.receive)
         # a body received whole before admission (gRPC's message) is not read through here
         self.complete: bool = getattr(request.state, "body_done", False)
@@ -222,7 +222,8 @@ class BodyReceiver:
             async with asyncio.timeout_at(by):
                 message = await self._receive()
         except TimeoutError:
-            self._slow_clients.labels(reason).inc()
+            if self._slow_clients is not None:
+                self._slow_clients.labels(reason).inc()
             raise self._too_slow(reason, loop.time() - self._first_read) from None
         self._last_arrival = loop.time()
         self._observe(message)
@@ -249,7 +250,7 @@ class BodyReceiver:
 
     def _too_slow(self, reason: str, elapsed_s: float) -> SlowBody:
         settings = self._settings
-        came = f"{self.arrived} of {self._size} bytes came in {elapsed_s:.1f} s"
+        came = f"{self.arrived} bytes came in {elapsed_s:.1f} s"
         message = {
             "idle": f"no part of the request body arrived for {settings.body_idle_timeout_s:g} s "
                     f"(MASKRCNN_BODY_IDLE_TIMEOUT_S); {came}",
@@ -265,6 +266,7 @@ class BodyReceiver:
         read and drop the rest of the body (not from a client too slow to send it), and answer with
         ``Connection: close`` unless the whole body arrived."""
         self._reservation.release("body")
+        self._held = 0
         self._metering = False
         if not isinstance(error, SlowBody):
             await discard_body(self.request, max_drain_bytes)
@@ -309,7 +311,7 @@ class Admission(Generic[P]):
         return ImageHold(reservation)
 
     def slot(self) -> Slot:
-        """A batcher place for one image: the one taken at admission for the first image; a request
+        """A batcher place for one image: the one taken once the body arrived for the first image; a request
         with several images (the v2 protocol's batch input) checks and takes one more for each other.
 
         Raises:
@@ -348,10 +350,10 @@ class AdmissionControl:
     """
 
     def __init__(self, settings: Settings, budget: MemoryBudget, batcher: Batcher, serving: Callable[[], bool],
-                 in_flight: Gauge, slow_clients: Counter) -> None:
+                 in_flight: Gauge, slow_clients: Counter | None = None) -> None:
         """``serving()``: whether an engine session can take a batch; ``in_flight``: the gauge of
         requests being handled; ``slow_clients``: the counter of bodies refused as too slow, by
-        ``reason`` (idle, rate, deadline)."""
+        ``reason`` (idle, rate, deadline); None counts nowhere."""
         self.settings = settings
         self.budget = budget
         self.not_ready_reason: str | None = "the engine is warming up"
