@@ -16,6 +16,7 @@ from importlib.metadata import version
 
 import numpy as np
 from fastapi import FastAPI
+from opentelemetry.sdk.trace import TracerProvider
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
@@ -35,6 +36,7 @@ from service.response import OrjsonResponse
 from service.routes import API_KEY_GUARD, DOCS_ASSETS, PAGE_DIR, api, page, probes
 from service.runtime import Runtime
 from service.settings import Settings
+from service.tracing import Tracing
 
 log = logging.getLogger(__name__)
 # A photo-sized noise image: warm-up should take the paths real images take (many proposals).
@@ -42,11 +44,14 @@ WARM_UP_HW = (480, 640)
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, engine_factory: Callable[[], Engine] | None = None
+    settings: Settings, engine: Engine | None = None, engine_factory: Callable[[], Engine] | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
     """The service app. By default the pool opens ``settings.workers`` sessions on
     ``settings.engine_dir``; ``engine`` (already loaded) makes a pool of that one session, which is
     not replaced if it hangs; ``engine_factory`` opens every session, replacements included.
+    Request traces go to ``tracer_provider``, by default to ``settings.otlp_endpoint`` when set
+    (``service.tracing``).
 
     Raises:
         ValueError: none of the three, both injections, or an injected engine with
@@ -59,6 +64,7 @@ def create_app(
     if engine is not None and settings.workers != 1:
         raise ValueError(f"an injected engine is one session; settings.workers must be 1, got {settings.workers}")
     metrics = Metrics()
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_settings(settings)
 
     def open_pool() -> EnginePool:
         options = {"engine_timeout_s": settings.engine_timeout_s,
@@ -74,7 +80,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = await run_in_threadpool(open_pool)
-        pipeline = Pipeline(settings, pool, metrics)
+        pipeline = Pipeline(settings, pool, metrics, tracing)
         _log_engine(pool, pipeline.max_batch_size, settings)
         budget = MemoryBudget(settings.memory_budget, settings.retry_after_s)
         admission = AdmissionControl(settings, budget, pipeline.batcher, lambda: pool.serving, metrics.in_flight,
@@ -105,6 +111,7 @@ def create_app(
                 admission.not_ready_reason = "the service is shutting down"
                 warm_up.cancel()
         pool.close()
+        tracing.close()
 
     # FastAPIOffline: /docs (Swagger UI) and /redoc with their scripts and styles served by the app
     # from the fastapi-offline package, not a CDN, so they work on a machine without internet.
@@ -127,6 +134,7 @@ def create_app(
     app.mount("/page", StaticFiles(directory=PAGE_DIR), name="page")
     app.add_middleware(PageHeaders)
     _document_limits(app, settings)
+    tracing.instrument(app)
     return app
 
 

@@ -31,7 +31,8 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, Generic, TypeVar
 
 from service.exceptions import DeadlineExceeded, DeadlineUnreachable, InferenceFailed, NotReady, Overloaded
 
@@ -52,6 +53,7 @@ class Batched(Generic[R]):
     queue_wait_s: float  # from submit to the start of its batch
     run_s: float  # the batch function's wall time for the whole batch
     batch_size: int
+    trace: Any = None  # what the batcher's trace_batch yielded for the batch (its span's context)
 
 
 class Slot:
@@ -96,8 +98,10 @@ class Batcher(Generic[T, R]):
         retry_after_s: int = 1,
         on_worker_restart: Callable[[str], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        trace_batch: Callable[[int], AbstractContextManager[Any]] | None = None,
     ) -> None:
-        """``on_batch(size)`` is called as each batch starts."""
+        """``on_batch(size)`` is called as each batch starts; ``trace_batch(size)`` is entered around
+        each batch's run, and what it yields reaches the batch's items as :attr:`Batched.trace`."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_s < 0:
@@ -121,6 +125,7 @@ class Batcher(Generic[T, R]):
         self._on_worker_restart = on_worker_restart
         self.worker_restarts = 0
         self._on_batch = on_batch
+        self._trace_batch = trace_batch or (lambda size: contextlib.nullcontext())
         self._run_times: collections.deque[float] = collections.deque(maxlen=RUN_TIME_WINDOW)
         self._slots = 0  # places taken: admitted items not yet started (queued ones included)
         self._running_since: dict[int, float] = {}  # worker -> event-loop time its batch started
@@ -293,7 +298,8 @@ class Batcher(Generic[T, R]):
         if self._on_batch is not None:
             self._on_batch(len(batch))
         try:
-            results = await self._handle_batch([p.item for p in batch])
+            with self._trace_batch(len(batch)) as traced:
+                results = await self._handle_batch([p.item for p in batch])
             if len(results) != len(batch):
                 raise InferenceFailed(f"the batch function returned {len(results)} results for {len(batch)} inputs")
         except asyncio.CancelledError:  # the batcher is closing under this batch, or its worker was stopped
@@ -309,7 +315,7 @@ class Batcher(Generic[T, R]):
         self.observe_run(run_s)
         for pending, result in zip(batch, results):
             if not pending.future.done():
-                pending.future.set_result(Batched(result, started - pending.enqueued, run_s, len(batch)))
+                pending.future.set_result(Batched(result, started - pending.enqueued, run_s, len(batch), traced))
 
 
 def _fail(batch: list[_Pending[T, R]], exc: BaseException) -> None:

@@ -8,6 +8,7 @@ writes the :class:`InferAnswer` in its own form.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version as package_version
 from typing import Any, TypeVar
@@ -79,7 +80,8 @@ async def infer(
 ) -> A:
     """Admit the request, read it with ``read_request(request, max_body_bytes)``, run its images
     through the pipeline and return ``encode(answer)``, built while the request still holds its
-    share of the memory budget.
+    share of the memory budget. Admission (with the body's reading) and the answer's making are
+    spans of the request's trace (``service.tracing``), as the pipeline's stages are.
 
     The model is checked after admission, so a refused request's body is drained like any other.
 
@@ -91,7 +93,10 @@ async def infer(
         check_model(runtime, name, version)
         return await read_request(request, max_body_bytes)
 
-    async with runtime.admission.admit(request, timeout_ms, read_checked) as admission:
+    tracing = runtime.pipeline.tracing
+    async with contextlib.AsyncExitStack() as admitted:
+        with tracing.span("admission"):
+            admission = await admitted.enter_async_context(runtime.admission.admit(request, timeout_ms, read_checked))
         parsed = admission.payload
         options = runtime.pipeline.resolve(parsed.options)
         tasks = [asyncio.ensure_future(runtime.pipeline.run(image, options, admission)) for image in parsed.images]
@@ -100,5 +105,6 @@ async def infer(
         finally:  # one image failed: withdraw the others
             for task in tasks:
                 task.cancel()
-        tensors = output_tensors(results, runtime.pipeline.classes, list(parsed.outputs))
-        return encode(InferAnswer(name, runtime.model_version, parsed.id, tensors, parsed.outputs))
+        with tracing.span("encode"):
+            tensors = output_tensors(results, runtime.pipeline.classes, list(parsed.outputs))
+            return encode(InferAnswer(name, runtime.model_version, parsed.id, tensors, parsed.outputs))

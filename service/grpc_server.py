@@ -35,7 +35,10 @@ raw image bytes, ``uint_contents`` of pixels).
   with the same message; those that carry ``Retry-After`` over HTTP carry a ``google.rpc.RetryInfo``
   in the status details (``grpc-status-details-bin``).
 - Metrics: ``maskrcnn_requests_total{protocol="grpc", endpoint="/inference.GRPCInferenceService/<RPC>"}``
-  with ``status``, the HTTP status of the same answer (200 for OK).
+  with ``status``, the HTTP status of the same answer (200 for OK); an access log line a call
+  (logger ``service.grpc_server.access``).
+- Traces (``service.tracing``): the gRPC instrumentation's server span continues the caller's
+  ``traceparent`` metadata; the request path's spans are its children.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ from service.exceptions import (
 )
 from service.kserve_codec import OUTPUTS, InferAnswer, InferRequest, ParsedInfer, read_infer_request, tensor_bytes
 from service.runtime import Runtime
+from service.tracing import current_trace_id
 
 log = logging.getLogger(__name__)
+# as uvicorn's access log: one line a call, with the HTTP status of the same answer
+access_log = logging.getLogger(f"{__name__}.access")
 
 SERVICE = "inference.GRPCInferenceService"
 MAX_TIMEOUT_MS = 3_600_000  # as the REST deadline header's limit
@@ -193,6 +199,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
         finally:
             self.runtime.metrics.requests.labels(f"/{SERVICE}/{rpc}", str(status), "grpc").inc()
+            access_log.info('%s - "%s" %d trace_id=%s', context.peer(), rpc, status, current_trace_id())
 
     def _check_api_key(self, context: grpc.aio.ServicerContext) -> None:
         expected = self.runtime.settings.api_key
@@ -297,7 +304,7 @@ async def serving(runtime: Runtime) -> AsyncIterator[int | None]:
     if settings.grpc_port is None:
         yield None
         return
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(interceptors=runtime.pipeline.tracing.grpc_interceptors(), options=[
         ("grpc.max_receive_message_length", settings.grpc_receive_limit),
         ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
     ])

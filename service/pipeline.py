@@ -1,9 +1,12 @@
 """The request path of one image: decode -> preprocess -> batch -> infer -> postprocess.
 
-``create_app`` builds one :class:`Pipeline`; /predict, /render and the v2 infer route each admit
-their request (``service.admission``), resolve its options once (:meth:`Pipeline.resolve`) and
-hand every image to :meth:`Pipeline.run`, so they share the batcher, the engine pool, the limits,
-the deadline and the per-stage metrics. A route only reads its body and shapes its answer.
+``create_app`` builds one :class:`Pipeline`; /predict, /render and v2 inference (REST and gRPC,
+through ``service.dataplane``) each admit their request (``service.admission``), resolve its options
+once (:meth:`Pipeline.resolve`) and hand every image to :meth:`Pipeline.run`, so they share the
+batcher, the engine pool, the limits, the deadline and the per-stage metrics. A route only reads its
+body and shapes its answer.
+
+Each stage is a span of the request's trace when tracing is on (``service.tracing``).
 
 Host work (decode, preprocess, postprocess) runs in worker threads niced by ``settings.host_nice``:
 on a small CPU the next request's host work then fills the engine's idle moments instead of
@@ -37,6 +40,7 @@ from service.preprocess import PreparedImage, prepare_image
 from service.request import PredictOptions, RequestOptions, resolve_options
 from service.settings import Settings
 from service.stages import StageSeconds
+from service.tracing import Tracing
 
 T = TypeVar("T")
 
@@ -65,9 +69,11 @@ class Pipeline:
     Use as ``async with pipeline:`` (starts and stops its batcher).
     """
 
-    def __init__(self, settings: Settings, pool: EnginePool, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, pool: EnginePool, metrics: Metrics, tracing: Tracing | None = None) -> None:
+        """``tracing``: where the stages' spans go (default: nowhere)."""
         self.settings = settings
         self.pool = pool
+        self.tracing = tracing or Tracing()
         self.classes = ClassTable.from_entries(pool.manifest.classes)
         self._spec = pool.input_spec
         self._metrics = metrics
@@ -82,6 +88,7 @@ class Pipeline:
             retry_after_s=settings.retry_after_s,
             on_worker_restart=lambda why: metrics.worker_restarts.inc(),
             on_batch=metrics.batch_size.observe,
+            trace_batch=self.tracing.batch,
         )
 
     async def __aenter__(self) -> Pipeline:
@@ -114,20 +121,21 @@ class Pipeline:
         """
         seconds = StageSeconds()
         admission.check_deadline("decode")
-        with _timed(seconds, "decode"):
+        with self._stage(seconds, "decode"):
             rgb, orig_hw, held = await self._decode(source, admission, keep_pixels)
         admission.check_deadline("preprocess")
-        with _timed(seconds, "preprocess"):
+        with self._stage(seconds, "preprocess"):
             prepared = await self._on_host(prepare_image, rgb, self._spec, orig_hw)
         pixels = rgb if keep_pixels else None
         if not keep_pixels:
             del rgb
             held.release_pixels()
         admission.check_deadline("queue")
-        batched = await self._batch(engine_item(prepared, options), admission)
+        with self.tracing.engine_wait() as ran:
+            batched = ran(await self._batch(engine_item(prepared, options), admission))
         seconds.queue_wait, seconds.inference = batched.queue_wait_s, batched.run_s
         outputs = batched.value
-        with _timed(seconds, "postprocess"):
+        with self._stage(seconds, "postprocess"):
             detections = await self._on_host(
                 postprocess_image, outputs.dets, outputs.labels, outputs.masks, prepared.scale_factor,
                 prepared.orig_hw, score_threshold=options.score_threshold, mask_threshold=options.mask_threshold,
@@ -180,6 +188,16 @@ class Pipeline:
     async def _on_host(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await on_host(self.settings.host_nice, fn, *args, **kwargs)
 
+    @contextlib.contextmanager
+    def _stage(self, seconds: StageSeconds, stage: str) -> Iterator[None]:
+        """Time the block into ``seconds.<stage>``, in a span of that name."""
+        started = time.perf_counter()
+        try:
+            with self.tracing.span(stage):
+                yield
+        finally:
+            setattr(seconds, stage, time.perf_counter() - started)
+
 
 def engine_item(prepared: PreparedImage, options: RequestOptions) -> EngineItem:
     """The image for the engine with the detections that need masks: those the request gets back.
@@ -189,15 +207,6 @@ def engine_item(prepared: PreparedImage, options: RequestOptions) -> EngineItem:
         return EngineItem(prepared, options.score_threshold, 0)
     limit = NO_MASK_LIMIT if options.keep_classes is not None else options.max_detections
     return EngineItem(prepared, options.score_threshold, limit)
-
-
-@contextlib.contextmanager
-def _timed(seconds: StageSeconds, stage: str) -> Iterator[None]:
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        setattr(seconds, stage, time.perf_counter() - started)
 
 
 async def on_host(nice: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

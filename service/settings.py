@@ -109,6 +109,15 @@ class Settings(BaseSettings):
     grpc_max_send_bytes: int = Field(
         64 * 2**20, ge=4 * 2**20, description="Largest gRPC answer message (the detections of every request image)."
     )
+    otlp_endpoint: str | None = Field(
+        None, pattern=r"^https?://\S+$",
+        description="OpenTelemetry traces of every request go to this OTLP/gRPC collector (e.g. "
+        "http://otel-collector:4317); unset: no traces.",
+    )
+    trace_sampling_ratio: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Share of new traces recorded when traces are on; a caller's traceparent decision is followed.",
+    )
     # Backend options: fields named <backend>_<option> reach that backend's load() as options.
     # One worker drives one engine with one infer request, so LATENCY (one stream using all the
     # session's threads) is the default; THROUGHPUT/streams suit several requests per engine.

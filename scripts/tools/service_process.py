@@ -83,10 +83,10 @@ class LiveServer:
 class InProcessServer(LiveServer):
     """uvicorn serving ``create_app(settings, engine)`` from a thread."""
 
-    def __init__(self, settings, engine, engine_factory=None) -> None:
+    def __init__(self, settings, engine, engine_factory=None, tracer_provider=None) -> None:
         from service.app import create_app
 
-        self.app = create_app(settings, engine, engine_factory)
+        self.app = create_app(settings, engine, engine_factory, tracer_provider)
         # uvicorn serves on this socket, bound here, so no other process can take the port in between
         self._socket = socket.socket()
         self._socket.bind(("127.0.0.1", 0))
@@ -146,6 +146,7 @@ def serving(
     engine=None,
     *,
     engine_factory=None,
+    tracer_provider=None,
     engine_dir: Path | None = None,
     args: Sequence[str] = (),
     log: Path | None = None,
@@ -153,14 +154,14 @@ def serving(
     ready: bool = True,
     timeout_s: float = 300,
 ) -> Iterator[LiveServer]:
-    """The service, in-process with ``settings`` and ``engine`` (or ``engine_factory``, see
-    ``create_app``), or as a subprocess on ``engine_dir`` (output as :class:`ServeProcess` says);
+    """The service, in-process with ``settings`` and ``engine`` (or ``engine_factory``; and a
+    ``tracer_provider``: see ``create_app``), or as a subprocess on ``engine_dir`` (output as :class:`ServeProcess` says);
     waits for /readyz unless ``ready`` is False; stopped on exit."""
     server: InProcessServer | ServeProcess
     if engine_dir is not None:
         server = ServeProcess(engine_dir, args, log, inherit_output)
     else:
-        server = InProcessServer(settings, engine, engine_factory)
+        server = InProcessServer(settings, engine, engine_factory, tracer_provider)
     try:
         if ready:
             server.wait_ready(timeout_s)
