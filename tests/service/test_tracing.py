@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from tritonclient.utils import InferenceServerException
 
 from scripts.tools.service_process import LiveServer, serving
 from service.app import create_app
@@ -125,6 +126,15 @@ def test_grpc_request_continues_the_callers_trace(traced, photo):
                           headers={"traceparent": traceparent(trace_id, parent)})
     assert result.as_numpy("scores").shape == (2,)
     assert_request_trace(exporter, trace_id, parent, "/inference.GRPCInferenceService/ModelInfer", images=1)
+
+    # an error keeps its status code through the instrumentation, and its stage's span says why
+    trace_id = 0x0AF7651916CD43DD8448EB211C8031AA
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(MODEL, [images_input(triton_grpc, [b"no image"])], headers={"traceparent": traceparent(trace_id, parent)})
+    assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+    spans = spans_of(exporter, trace_id)
+    assert set(spans) == {"/inference.GRPCInferenceService/ModelInfer", "admission", "decode"}
+    assert spans["decode"][0].status.status_code == StatusCode.ERROR
 
 
 def test_predict_request_spans_and_a_failing_stage(traced, photo):
