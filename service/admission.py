@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.types import Message
 
 from service.batcher import Batcher, Slot
-from service.exceptions import DeadlineExceeded, NotReady, Overloaded, ServiceError
+from service.exceptions import DeadlineExceeded, NotReady, Overloaded, ServiceError, SlowBody
 from service.request import body_bytes_to_hold, discard_body
 
 if TYPE_CHECKING:  # settings reads this module's default budget
@@ -162,18 +162,6 @@ class ImageHold:
     def release_pixels(self) -> None:
         """The decoded pixels are freed (after preprocessing, unless they are drawn on)."""
         self._reservation.release("pixels")
-
-
-class SlowBody(ServiceError):
-    """408 with ``Connection: close``: the request body paused too long, arrived too slowly or was
-    still arriving at the request's deadline; ``reason`` is ``idle``, ``rate`` or ``deadline``."""
-
-    status_code = 408
-    code = "request_timeout"
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message, headers={"Connection": "close"})
-        self.reason = reason
 
 
 class BodyReceiver:

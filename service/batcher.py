@@ -6,9 +6,9 @@ Rules (after Ray Serve's ``serve.batch``):
 - a batch holds at most ``max_batch_size`` items that share a group key (e.g. the padded input
   shape, so one engine call pads little), oldest first; it is dispatched when full or when its
   oldest item has waited ``max_wait_s``, whichever comes first, and only when a worker is free;
-- at most ``max_queue_depth`` items hold a place (a :class:`Slot`): a request takes its place when
-  it is admitted, before its body is read and its image decoded, and gives it back when its item
-  leaves the queue; one more is refused with :class:`Overloaded` (503);
+- at most ``max_queue_depth`` items hold a place (a :class:`Slot`): a request takes its place once
+  its body is in (clients still uploading hold none), before its image is decoded, and gives it
+  back when its item leaves the queue; one more is refused with :class:`Overloaded` (503);
 - an item that cannot finish before its deadline, by the wait and run time estimated from the
   places taken ahead of it (decoding ones included) and a high percentile of the recent batch
   times (:meth:`Batcher.estimated_finish_s`), is refused at once with :class:`DeadlineUnreachable`

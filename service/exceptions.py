@@ -69,6 +69,18 @@ class InvalidParameters(ServiceError):
     code = "invalid_parameters"
 
 
+class SlowBody(ServiceError):
+    """408 with ``Connection: close``: the request body paused too long, arrived too slowly or was
+    still arriving at the request's deadline; ``reason`` is ``idle``, ``rate`` or ``deadline``."""
+
+    status_code = 408
+    code = "request_timeout"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+        self.reason = reason
+
+
 class ClientDisconnected(ServiceError):
     """499 (nginx's "client closed request"): the client went away; nobody reads this response."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -98,8 +98,9 @@ async def predict(
     request: Request, runtime: RuntimeDep, query: Annotated[PredictOptions, Query()], timeout_ms: TimeoutHeader = None
 ) -> Response:
     async with _detected(runtime, request, query, timeout_ms) as (options, result):
-        return build_response(result.detections, runtime.pipeline.classes, result.image.orig_hw, result.seconds,
-                              response_format=options.format, image_id=options.image_id)
+        with runtime.pipeline.tracing.span("encode"):
+            return build_response(result.detections, runtime.pipeline.classes, result.image.orig_hw, result.seconds,
+                                  response_format=options.format, image_id=options.image_id)
 
 
 @api.post(
@@ -127,8 +128,11 @@ async def _detected(
     runtime: Runtime, request: Request, query: PredictOptions, timeout_ms: float | None, keep_pixels: bool = False
 ) -> AsyncIterator[tuple[RequestOptions, Inference]]:
     """/predict's and /render's request: admitted, its body read, its options resolved, its image
-    run through the pipeline; the request holds its memory until the block ends."""
-    async with runtime.admission.admit(request, timeout_ms, read_payload) as admission:
+    run through the pipeline; the request holds its memory until the block ends. Admission is a
+    span of the request's trace, as the pipeline's stages are."""
+    async with AsyncExitStack() as admitted:
+        with runtime.pipeline.tracing.span("admission"):
+            admission = await admitted.enter_async_context(runtime.admission.admit(request, timeout_ms, read_payload))
         options = runtime.pipeline.resolve(merge_options(query, admission.payload.options))
         yield options, await runtime.pipeline.run(admission.payload.image, options, admission, keep_pixels=keep_pixels)
 

@@ -9,7 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from starlette.requests import Request
 
-from service.admission import AdmissionControl, MemoryBudget, SlowBody, image_bytes
+from service.admission import AdmissionControl, MemoryBudget, image_bytes
+from service.exceptions import SlowBody
 from service.batcher import Batcher
 from service.exceptions import DeadlineExceeded, DeadlineUnreachable, NotReady, Overloaded, PayloadTooLarge
 from service.request import read_body
