@@ -27,7 +27,7 @@ from build_tools.checkpoint import (
 )
 from build_tools.classes import ClassesError
 from build_tools.errors import BuildError
-from build_tools.export import ExportError
+from build_tools.export import ExportError, read_export_info
 from build_tools.pipeline import compile_step, export_step
 from build_tools.verify import Tolerance, verify_artifact
 from service.backends import BackendUnavailable, backend_names, canonical_precision
@@ -326,6 +326,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    read_export_info(args.export_dir)  # a wrong folder is refused before anything is compiled or said
     return _build(args, Path(args.export_dir))
 
 

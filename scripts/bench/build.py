@@ -120,7 +120,8 @@ def _gt_scores(detections, image_ids, coco, category_ids) -> dict[str, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--engine", action="append", default=[], help="engine artifact folder (repeatable)")
     p.add_argument("--export", help="export folder (maskrcnn-build export): compile and time --backends x --precisions")
     p.add_argument("--backends", type=_csv, default=None,

@@ -152,7 +152,8 @@ def engine_busy_s(before: tuple[float, float, float], after: tuple[float, float,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", type=Path, required=True, help="engine artifact folder")
     parser.add_argument("--image", type=Path, help="a JPEG to send (default: a synthetic 640x480 photo)")
     parser.add_argument("--images", type=int, default=8, help="images per phase and round (rounded to whole batches)")
