@@ -60,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from build_tools.timing import latency_summary
 from scripts.tools.http import UnknownImageType, image_headers
 from scripts.tools.photos import synthetic_photo
+from scripts.tools.wait_ready import NotReady, require_ready
 
 RSS_METRIC = "process_resident_memory_bytes"  # prometheus_client's process collector
 
@@ -295,7 +296,7 @@ async def run_plan(plan: Plan) -> tuple[list[Phase], RssMonitor | None]:
         raise LoadTestError(f"the image is {error}") from None
     phases = []
     async with httpx.AsyncClient(timeout=plan.timeout_s, limits=httpx.Limits(max_connections=None)) as client:
-        await _require_ready(client, plan.url)
+        _require_ready(plan.url)
         monitor: RssMonitor | None = RssMonitor(client, plan.url, plan.rss_interval_s)
         if not await monitor.sample():
             if plan.require_rss:
@@ -355,7 +356,7 @@ async def run_hostile(plan: Plan) -> dict[str, Any]:
     # the server's deadline is plan.timeout_s (the header): the client waits longer, to see its 504s
     client_timeout_s = plan.timeout_s + HOSTILE_CLIENT_MARGIN_S
     async with httpx.AsyncClient(timeout=client_timeout_s, limits=httpx.Limits(max_connections=None)) as client:
-        await _require_ready(client, plan.url)
+        _require_ready(plan.url)
         monitor = RssMonitor(client, plan.url, 0.2)
         if not await monitor.sample():
             raise LoadTestError(f"cannot watch the server's memory: {monitor.lost}")
@@ -413,13 +414,12 @@ def format_hostile(figures: dict[str, Any]) -> str:
     ])
 
 
-async def _require_ready(client: httpx.AsyncClient, url: str) -> None:
+def _require_ready(url: str) -> None:
+    """The service at ``url`` answers ``/readyz`` (the check every client of ours runs first)."""
     try:
-        ready = await client.get(url + "/readyz")
-    except httpx.TransportError as error:
-        raise LoadTestError(f"no service at {url}: {type(error).__name__}: {error}") from error
-    if ready.status_code != 200:
-        raise LoadTestError(f"the service at {url} is not ready: /readyz answered {ready.status_code}")
+        require_ready(url)
+    except NotReady as error:
+        raise LoadTestError(str(error)) from None
 
 
 def _numbers(kind: type, text: str) -> list:

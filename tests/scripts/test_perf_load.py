@@ -123,7 +123,7 @@ def test_loadtest_refuses_bad_arguments(args, message, capsys):
 def test_loadtest_refuses_a_url_without_a_service(capsys):
     with pytest.raises(SystemExit):
         loadtest.main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "1"])
-    assert "no service at" in capsys.readouterr().err
+    assert "no service answers at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
