@@ -191,8 +191,12 @@ def _backend_options(args: argparse.Namespace) -> dict[str, dict]:
     options: dict[str, dict] = {}
     if args.tensorrt_timing_cache:
         options["tensorrt"] = {"timing_cache": Path(args.tensorrt_timing_cache)}
-    openvino = {"roi_align_precision": args.openvino_bf16_roi_align, "predictor_precision": args.openvino_bf16_predictors}
-    if openvino != {"roi_align_precision": "bf16", "predictor_precision": "fp32"}:
+    openvino = {}
+    if args.openvino_bf16_roi_align != "bf16":
+        openvino["roi_align_precision"] = args.openvino_bf16_roi_align
+    if args.openvino_bf16_predictors != "fp32":
+        openvino["predictor_precision"] = args.openvino_bf16_predictors
+    if openvino:
         options["openvino"] = openvino
     if args.onnxruntime_int8_ranges != ACTIVATION_RANGES[0]:
         options["onnxruntime"] = {"activation_ranges": args.onnxruntime_int8_ranges}

@@ -24,6 +24,8 @@ def test_bf16_roi_align_precision_is_a_build_flag(tmp_path):
                                     "--openvino-bf16-roi-align", "fp32"])
     assert cli._backend_options(args) == {"openvino": {"roi_align_precision": "fp32"}}
     assert cli._backend_options(cli.parser().parse_args(["compile", str(tmp_path), "--out", "o"])) == {}
+    args = cli.parser().parse_args(["compile", str(tmp_path), "--out", "o", "--openvino-bf16-predictors", "bf16"])
+    assert cli._backend_options(args) == {"openvino": {"predictor_precision": "bf16"}}
 
 
 def _runtime_roi_aligns(folder):
