@@ -59,3 +59,11 @@ def gray16_png(h: int = 48, w: int = 64) -> tuple[bytes, np.ndarray]:
 def cmyk_jpeg(h: int = 48, w: int = 64) -> bytes:
     """A CMYK JPEG, all red (C=0, M=Y=255, K=0)."""
     return encode(Image.new("CMYK", (w, h), (0, 255, 255, 0)), "JPEG", quality=95)
+
+
+def images_input(client_module, images: list[bytes]):
+    """The v2 input ``image`` of a tritonclient module (``tritonclient.http`` or ``.grpc``): one
+    BYTES element per encoded image."""
+    tensor = client_module.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=object))
+    return tensor

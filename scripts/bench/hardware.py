@@ -12,8 +12,12 @@ runners taking turns call by call, every second round in reverse order (``time_c
 - ``eager fp32``: the engine's eager PyTorch reference (``scripts.tools.eager.eager_model``: the
   origin framework's own model, this project's for a random-init export) on the JPEG as a user runs
   it in-process: decode, preprocess, model, host postprocess (RLE masks), ``--threads`` torch threads;
-- ``eager bf16 autocast``: the same call under ``torch.autocast("cpu", dtype=torch.bfloat16)``, the
-  one line a CPU user tries first (the peer);
+- ``eager bf16 autocast``: torchvision's own Mask R-CNN holding the same weights
+  (``build_tools.origin.torchvision_model``), called as torchvision's users call it, under
+  ``torch.autocast("cpu", dtype=torch.bfloat16)``: the one line a CPU user tries first (the peer).
+  Not the origin model itself: mmcv's compiled NMS refuses autocast's bf16 boxes ("expected scalar
+  type Float but found BFloat16"), and this project's eager model folds BN into multiply-adds whose
+  fp32 scales promote every bf16 activation back to fp32 (measured: no faster than fp32);
 - each engine through HTTP (``POST /predict`` of the JPEG, ``score_threshold``), asked for 100 and
   for 10 detections (the graph runs the mask head on those only).
 
@@ -173,6 +177,7 @@ def eager_runners(engine_dir: Path, jpeg: bytes, threads: int, score_threshold: 
     import torch
     from torch.overrides import TorchFunctionMode
 
+    from build_tools.origin import torchvision_detect, torchvision_model
     from build_tools.reference import torch_threads
     from scripts.tools.eager import eager_model
 
@@ -186,16 +191,18 @@ def eager_runners(engine_dir: Path, jpeg: bytes, threads: int, score_threshold: 
             return func(*args, **(kwargs or {}))
 
     reference = eager_model(engine_dir, score_threshold=score_threshold).reference
+    loaded = reference.loaded
+    peer = torchvision_detect(torchvision_model(loaded.model.config, loaded.model.state_dict()), loaded.model.config)
 
-    def call(name: str, autocast: bool) -> Callable[[], None]:
+    def call(name: str, detect: Callable[[np.ndarray], Any], autocast: bool) -> Callable[[], None]:
         def run() -> None:
             rgb = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
             with torch_threads(threads), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
                     Float32Numpy():
-                detections[name] = len(reference.detect(rgb).labels)
+                detections[name] = len(detect(rgb).labels)
         return run
 
-    return {EAGER: call(EAGER, False), PEER: call(PEER, True)}
+    return {EAGER: call(EAGER, reference.detect, False), PEER: call(PEER, peer, True)}
 
 
 def served_runner(client: httpx.Client, url: str, jpeg: bytes, params: Mapping[str, Any], name: str,

@@ -26,7 +26,7 @@ from service.backends import load_engine
 from service.decode import decode_image
 from service.kserve_codec import OUTPUTS
 from service.settings import Settings
-from service_images import encode, gradient
+from service_images import encode, gradient, images_input
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +53,6 @@ def client(server: LiveServer) -> triton_grpc.InferenceServerClient:
 @pytest.fixture(scope="module")
 def photo(photos: Path) -> bytes:
     return (photos / "astronaut.png").read_bytes()
-
-
-def images_input(module, images: list[bytes]):
-    tensor = module.InferInput("image", [len(images)], "BYTES")
-    tensor.set_data_from_numpy(np.array(images, dtype=object))
-    return tensor
 
 
 def status_of(raised: pytest.ExceptionInfo[InferenceServerException]) -> str:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
@@ -28,7 +27,7 @@ from service.app import create_app
 from service.backends import load_engine
 from service.settings import Settings
 from service.tracing import tracer_provider
-from service_images import encode, gradient
+from service_images import encode, gradient, images_input
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +54,6 @@ def traced(engine_dir: Path) -> Iterator[tuple[LiveServer, InMemorySpanExporter]
 @pytest.fixture(scope="module")
 def photo(photos: Path) -> bytes:
     return (photos / "astronaut.png").read_bytes()
-
-
-def images_input(module, images: list[bytes]):
-    tensor = module.InferInput("image", [len(images)], "BYTES")
-    tensor.set_data_from_numpy(np.array(images, dtype=object))
-    return tensor
 
 
 def spans_of(exporter: InMemorySpanExporter, trace_id: int) -> dict[str, list[ReadableSpan]]:
