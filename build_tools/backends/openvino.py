@@ -50,6 +50,9 @@ MODEL_FILE = "model.xml"
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 ROI_ALIGN_PRECISIONS = ("bf16", "fp32")
 PREDICTOR_PRECISIONS = ("fp32", "bf16")
+# int8 activations: NNCF's MIXED preset (asymmetric activations, a zero point each) or PERFORMANCE
+# (symmetric: signed int8 where a tensor has negative values, no zero point).
+ACTIVATION_PRESETS = {"asymmetric": "MIXED", "symmetric": "PERFORMANCE"}
 # OpenVINO's DisablePrecisionConversion runtime attribute as the IR text spells it.
 _PRECISE = "precise"
 # RoIAlign's inputs that carry coordinates: the RoI boxes and the batch index of each RoI.
@@ -65,13 +68,17 @@ def compile(
     shape_profile: ShapeProfile | None = None,
     roi_align_precision: str = "bf16",
     predictor_precision: str = "fp32",
+    activations: str = "asymmetric",
 ) -> tuple[str, dict]:
     """``model.xml`` (+ ``model.bin``) in ``out_dir``. ``shape_profile`` is not needed: the IR keeps
     the graph's dynamic axes. ``roi_align_precision`` (bf16 builds): the precision RoIAlign samples
     the features at, ``bf16`` (default) or ``fp32``; its coordinates are fp32 either way.
     ``predictor_precision`` (bf16 builds): the precision of ``precision_scopes.FP32_LAYERS`` (the
     layers whose outputs are read as numbers: RPN and box-predictor logits and deltas, mask logits),
-    ``fp32`` (default) or ``bf16``."""
+    ``fp32`` (default) or ``bf16``. ``activations`` (int8 builds): ``asymmetric`` (default; a zero
+    point per quantised activation) or ``symmetric``."""
+    if activations not in ACTIVATION_PRESETS:
+        raise ValueError(f"activations must be one of {tuple(ACTIVATION_PRESETS)}, got {activations!r}")
     if roi_align_precision not in ROI_ALIGN_PRECISIONS:
         raise ValueError(f"roi_align_precision must be one of {ROI_ALIGN_PRECISIONS}, got {roi_align_precision!r}")
     if predictor_precision not in PREDICTOR_PRECISIONS:
@@ -95,12 +102,12 @@ def compile(
             model,
             nncf.Dataset(feeds),
             subset_size=len(feeds),
-            # symmetric weights, asymmetric activations: the activations after ReLU-free adds
-            # (FPN sums) are not centred on zero
-            preset=nncf.QuantizationPreset.MIXED,
+            # symmetric weights; activations per ``activations``
+            preset=getattr(nncf.QuantizationPreset, ACTIVATION_PRESETS[activations]),
             ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
         )
         facts.update({"graph": "NNCF post-training int8", "calibration_images": len(feeds), "nncf": nncf.__version__,
+                      "activations": activations,
                       **precision_scopes.summary(), "fp32_ignored_nodes": len(ignored)})
     else:
         facts["graph"] = "exported ONNX converted to IR, fp32 weights"

@@ -28,6 +28,16 @@ def test_bf16_roi_align_precision_is_a_build_flag(tmp_path):
     assert cli._backend_options(args) == {"openvino": {"predictor_precision": "bf16"}}
 
 
+@needs_openvino
+def test_build_options_are_checked_before_any_work(tmp_path):
+    from build_tools.backends import openvino as openvino_build
+
+    for option in ({"activations": "unsigned"}, {"roi_align_precision": "f16"}, {"predictor_precision": "int8"}):
+        with pytest.raises(ValueError, match=next(iter(option))):
+            openvino_build.compile(tmp_path / "missing.onnx", tmp_path / "out", "int8", **option)
+    assert not (tmp_path / "out").exists()
+
+
 def _runtime_roi_aligns(folder):
     """The ROIAlign nodes of the bf16 artifact in ``folder`` as the CPU plugin compiled them."""
     import openvino as ov

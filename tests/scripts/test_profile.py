@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -67,3 +68,20 @@ def test_flops_hold_the_hand_counted_stem_convolution(report):
     roofline = report["engines"][0]["roofline"]
     assert roofline["gflop"] == pytest.approx(flops["total"] / 1e9)
     assert roofline["tflops"] > 0 and roofline["of_peak"] > 0
+
+
+def test_int8_peak_runs_int8_layers_and_is_their_marginal_rate():
+    from scripts.bench.profile import INT8_CHAINS, _openvino_int8_chain, matmul_peaks
+
+    request, feed = _openvino_int8_chain(256, INT8_CHAINS[0])
+    runtime = request.get_compiled_model().get_runtime_model()
+    layers = [op for op in runtime.get_ordered_ops()
+              if str(op.get_rt_info()["layerType"].astype(str)) == "FullyConnected"]
+    assert len(layers) == INT8_CHAINS[0]
+    # the plugin ran every layer on int8 inputs (FakeQuantize folded), not widened to f32
+    assert all(str(op.get_rt_info()["runtimePrecision"].astype(str)).lower() in ("i8", "u8") for op in layers)
+    result = next(iter(request.infer(feed).values()))
+    # scaled so that each layer's output stays inside the next FakeQuantize's range: not saturated
+    assert np.isfinite(result).all() and 0 < np.abs(result).max() < 4
+    peak = matmul_peaks(256, ["int8"], iterations=2)["int8"]
+    assert peak["tflops"] > 0 and f"chain of {INT8_CHAINS[1]} over {INT8_CHAINS[0]}" in peak["how"]
