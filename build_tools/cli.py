@@ -183,6 +183,8 @@ def _labelled(args: argparse.Namespace) -> LabelledImages | None:
         raise BuildError("--verify-ann lets --backend auto (measuring) choose a reduced precision: use it with "
                          "--backend auto, without --no-measure or --precision")
     annotations = Path(args.verify_ann)
+    if not annotations.is_file():
+        raise BuildError(f"--verify-ann {annotations}: no such file (a COCO annotation file of labelled images)")
     return LabelledImages(annotations, Path(args.verify_images or annotations.parent), args.verify_count)
 
 
@@ -331,10 +333,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     read_export_info(args.export_dir)  # a wrong folder is refused before anything is compiled or said
+    _labelled(args)  # and so are wrong labelled-image arguments
     return _build(args, Path(args.export_dir))
 
 
 def cmd_all(args: argparse.Namespace) -> int:
+    _labelled(args)  # wrong labelled-image arguments are refused before the export's minutes
     with tempfile.TemporaryDirectory(prefix="maskrcnn-export-") as tmp:
         print("exporting ONNX ...", file=sys.stderr)
         export_dir = _export(args, Path(tmp))

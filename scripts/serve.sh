@@ -8,10 +8,20 @@
 # official mask_rcnn_r50_fpn_1x_coco (downloaded once, sha256-checked). Where that cannot be
 # downloaded (offline) it says so in one line and builds from the demo model at
 # .cache/demo/demo_mask_rcnn.pth when it exists, else with random weights (a smoke run: the server
-# works but detects nothing meaningful). Extra arguments go to maskrcnn-serve.
+# works but detects nothing meaningful). With VERIFY_ANN (a COCO annotation file of labelled images,
+# file_name relative to its folder) the build may choose bf16, or int8 when CALIB_IMAGES names a
+# folder of calibration images, where that is faster here and keeps its AP on those images within
+# its bound (default ENGINE then artifacts/auto). Extra arguments go to maskrcnn-serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ENGINE=${ENGINE:-artifacts/auto-fp32}
+if [ -n "${VERIFY_ANN:-}" ]; then
+  ENGINE=${ENGINE:-artifacts/auto}
+  precision_args=(--verify-ann "$VERIFY_ANN")
+  if [ -n "${CALIB_IMAGES:-}" ]; then precision_args+=(--calib-images "$CALIB_IMAGES"); fi
+else
+  ENGINE=${ENGINE:-artifacts/auto-fp32}
+  precision_args=(--precision fp32)
+fi
 OFFICIAL=mask_rcnn_r50_fpn_1x_coco
 DEMO=.cache/demo/demo_mask_rcnn.pth
 if [ ! -f "$ENGINE/manifest.json" ]; then
@@ -24,6 +34,6 @@ if [ ! -f "$ENGINE/manifest.json" ]; then
     echo "serve.sh: cannot download $OFFICIAL (offline?) and no demo model at $DEMO: building a random-init engine (detections are meaningless)" >&2
     source_args=(--random-init)
   fi
-  .venv/bin/maskrcnn-build all "${source_args[@]}" --backend auto --precision fp32 --out "$ENGINE"
+  .venv/bin/maskrcnn-build all "${source_args[@]}" --backend auto "${precision_args[@]}" --out "$ENGINE"
 fi
 exec .venv/bin/maskrcnn-serve --engine "$ENGINE" "$@"
