@@ -19,7 +19,11 @@ runners taking turns call by call, every second round in reverse order (``time_c
   type Float but found BFloat16"), and this project's eager model folds BN into multiply-adds whose
   fp32 scales promote every bf16 activation back to fp32 (measured: no faster than fp32);
 - each engine through HTTP (``POST /predict`` of the JPEG, ``score_threshold``), asked for 100 and
-  for 10 detections (the graph runs the mask head on those only).
+  for 10 detections (the graph runs the mask head on those only);
+- with ``--buckets``, a twin of each OpenVINO engine served with a static shape bucket at the padded
+  size the photo is served at (``--openvino-shape-buckets HxW``), asked for 100 detections: both
+  ways in one run (the report's ``buckets`` gives each twin's time over its dynamic-shape engine's
+  and the images its ``/metrics`` counted in the bucket).
 
 Then each engine is profiled once after a warm-up by ``scripts.bench.profile`` (its backend's own
 profiler, at the padded size the graph sees), with the matmul peak of each precision and the
@@ -98,6 +102,11 @@ class ServedEngine:
     def runner(self, returned: int) -> str:
         """The name of its timed runner asked for ``returned`` detections."""
         return f"{self.name}, {returned} returned"
+
+    @property
+    def bucket_runner(self) -> str:
+        """The name of the runner of its static-shape-bucket twin (100 detections)."""
+        return f"{self.name}, static bucket"
 
 
 def served_engines(folders: Sequence[Path]) -> list[ServedEngine]:
@@ -217,6 +226,15 @@ def served_runner(client: httpx.Client, url: str, jpeg: bytes, params: Mapping[s
     return run
 
 
+def bucket_count(url: str, bucket: str) -> float:
+    """Images the service at ``url`` ran in shape bucket ``bucket``, from its ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "maskrcnn_shape_bucket_images_total" and sample.labels.get("bucket") == bucket)
+
+
 def graph_hw(engine_dir: Path, jpeg: bytes) -> tuple[int, int]:
     """``(H, W)`` the graph sees for ``jpeg``: the service's resize and padding of the engine."""
     manifest = Manifest.load(engine_dir)
@@ -228,15 +246,18 @@ def graph_hw(engine_dir: Path, jpeg: bytes) -> tuple[int, int]:
 
 def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, int] = (800, 1333),
             threads: int = 2, score_threshold: float = 0.05, peak_size: int = 4096,
-            onnx: Path | None = None) -> dict[str, Any]:
-    """Time eager fp32, the autocast peer and every engine at 100 and 10 returned detections in
-    interleaved rounds, then profile each engine once (``scripts.bench.profile.profile``).
+            onnx: Path | None = None, buckets: bool = False) -> dict[str, Any]:
+    """Time eager fp32, the autocast peer and every engine at 100 and 10 returned detections (and,
+    with ``buckets``, each OpenVINO engine's static-bucket twin) in interleaved rounds, then profile
+    each engine once (``scripts.bench.profile.profile``).
 
     Returns the report ``--json`` writes: ``cpu``, ``cpu_bf16`` (its bf16 instruction sets), ``photo``
     (``hw``, ``bytes``), ``graph_hw``, ``rounds``, ``threads``, ``score_threshold``, ``engines`` (``name``, ``folder``,
     ``backend``, ``precision``), ``samples_s`` and ``medians_s`` per runner (seconds),
-    ``detections`` per runner (the last call's count), ``profile`` (the profile report) and
-    ``goals`` (:func:`goal_rows`).
+    ``detections`` per runner (the last call's count), ``buckets`` (per bucketed engine: ``bucket``,
+    ``vs_dynamic``, the median ratio, and ``bucket_images`` and ``dynamic_images``, the images its
+    ``/metrics`` counted in the bucket and on the dynamic-shape model),
+    ``profile`` (the profile report) and ``goals`` (:func:`goal_rows`).
 
     Raises:
         HardwareBenchError: no engine, or two of one backend and precision, or ``rounds`` < 1.
@@ -248,9 +269,13 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
     engines = served_engines(engine_dirs)
     facts = cpu_facts()
     jpeg = synthetic_photo(*size)
+    hw = graph_hw(engines[0].folder, jpeg)
+    bucket = f"{hw[0]}x{hw[1]}"
     detections: dict[str, int] = {}
     settings = {e.name: Settings(engine_dir=e.folder, threads=threads, workers=1, max_batch_size=1, max_wait_ms=0)
                 for e in engines}
+    bucketed = [e for e in engines if e.backend == "openvino"] if buckets else []
+    twin_urls: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         runners = eager_runners(engines[0].folder, jpeg, threads, score_threshold, detections)
         for engine in engines:
@@ -260,9 +285,17 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
                 params = {"score_threshold": score_threshold, "max_detections": returned}
                 name = engine.runner(returned)
                 runners[name] = served_runner(client, url, jpeg, params, name, detections)
+        for engine in bucketed:
+            twin = settings[engine.name].model_copy(update={"openvino_shape_buckets": bucket})
+            twin_urls[engine.name] = url = stack.enter_context(running_service(engine.folder, twin, concurrency=1))
+            client = stack.enter_context(httpx.Client(timeout=600))
+            runners[engine.bucket_runner] = served_runner(
+                client, url, jpeg, {"score_threshold": score_threshold, "max_detections": 100},
+                engine.bucket_runner, detections)
         print(f"timing {len(runners)} runners: 1 untimed round, then {rounds} interleaved", flush=True)
         samples = time_calls(runners, rounds, warmup=1, alternate=True)
-    hw = graph_hw(engines[0].folder, jpeg)
+        bucket_images = {name: {"bucket_images": bucket_count(url, bucket), "dynamic_images": bucket_count(url, "dynamic")}
+                         for name, url in twin_urls.items()}
     profiled = profile([e.folder for e in engines], height=hw[0], width=hw[1], runs=1, threads=threads,
                        onnx=onnx, peak_size=peak_size)
     report = {
@@ -273,6 +306,9 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
                     for e in engines],
         "samples_s": samples, "medians_s": {n: statistics.median(s) for n, s in samples.items()},
         "detections": detections, "profile": profiled,
+        "buckets": {e.name: {"bucket": bucket, **bucket_images[e.name],
+                             "vs_dynamic": statistics.median(samples[e.bucket_runner])
+                             / statistics.median(samples[e.runner(100)])} for e in bucketed},
     }
     report["goals"] = goal_rows(report)
     return report
@@ -387,6 +423,10 @@ def format_report(report: Mapping[str, Any], command: str) -> str:
         lines.append(f"{name:40} {medians[name]:9.3f} {min(seconds):6.2f}-{max(seconds):<7.2f} "
                      f"{medians[name] / medians[EAGER]:8.2f}x {medians[name] / medians[PEER]:7.2f}x "
                      f"{detections.get(name, 0):5d}")
+    for name, twin in report.get("buckets", {}).items():
+        lines.append(f"{name}: static shape bucket {twin['bucket']} {twin['vs_dynamic']:.2f}x the dynamic-shape "
+                     f"engine's median (100 returned; {twin['bucket_images']:.0f} images ran in the bucket, "
+                     f"{twin['dynamic_images']:.0f} on the dynamic model)")
     lines += ["", "== profile (scripts.bench.profile: one profiled call per engine after a warm-up)",
               format_profile(report["profile"]), "",
               f"== goals (issue 27), CPU: {report['cpu']}",
@@ -424,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads per engine and for eager (default 2)")
     parser.add_argument("--score-threshold", type=float, default=0.05, help="requests' and eager's (default 0.05)")
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the peak matmul (default 4096)")
+    parser.add_argument("--buckets", action="store_true",
+                        help="also time each OpenVINO engine served with a static shape bucket at the photo's padded "
+                             "size (--openvino-shape-buckets), 100 returned")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "scripts.bench.hardware", *(sys.argv[1:] if argv is None else argv)])
@@ -434,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             engine_dirs, skipped = build_engines(args.export, args.cache, args.calib_images)
             onnx = args.export / "model.onnx"
         report = measure(engine_dirs, rounds=args.rounds, size=args.size, threads=args.threads,
-                         score_threshold=args.score_threshold, peak_size=args.peak_size, onnx=onnx)
+                         score_threshold=args.score_threshold, peak_size=args.peak_size, onnx=onnx,
+                         buckets=args.buckets)
     except (HardwareBenchError, ProfileError, ManifestError) as error:
         parser.error(str(error))
     report.update(command=command, not_built=skipped)

@@ -172,14 +172,14 @@ def serving(
 
 @contextlib.contextmanager
 def running_service(engine_dir: Path, settings: Settings, concurrency: int) -> Iterator[str]:
-    """``maskrcnn-serve`` on ``engine_dir`` with the engine-pool and batching knobs of ``settings``, a
-    queue deep enough for ``concurrency`` clients and no request deadline to speak of; its output on
-    this process's own; yields its base URL once ready."""
+    """``maskrcnn-serve`` on ``engine_dir`` with the engine-pool and batching knobs and the OpenVINO
+    shape buckets of ``settings``, a queue deep enough for ``concurrency`` clients and no request
+    deadline to speak of; its output on this process's own; yields its base URL once ready."""
     args = [
         "--workers", str(settings.workers), "--threads", str(settings.threads_per_session),
         "--max-batch-size", str(settings.max_batch_size), "--max-wait-ms", str(settings.max_wait_ms),
         "--max-queue-depth", str(max(settings.max_queue_depth, concurrency)), "--request-timeout-ms", "600000",
-        "--log-level", "warning",
+        "--openvino-shape-buckets", settings.openvino_shape_buckets, "--log-level", "warning",
     ]
     with serving(engine_dir=engine_dir, args=args, inherit_output=True) as server:
         yield server.url

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cached_export
 
 pytestmark = pytest.mark.slow
 
@@ -98,3 +98,36 @@ def test_profile_shares_and_verdicts(run):
             assert check["met"] == {"<=": value <= bound, "<": value < bound, ">=": value >= bound}[check["compare"]]
         if row["checks"]:
             assert row["met"] == all(c["met"] for c in row["checks"])
+
+
+@pytest.fixture(scope="module")
+def bucket_run(tmp_path_factory):
+    """The bench on an OpenVINO fp32 engine of the cached export with ``--buckets``, two rounds."""
+    from build_tools.pipeline import compile_step
+    from service.backends import openvino
+
+    if not openvino.available()[0]:
+        pytest.skip("OpenVINO is not installed")
+    folder = tmp_path_factory.mktemp("hardware-ov") / "openvino-fp32"
+    compile_step(cached_export(), folder, backend="openvino", precision="fp32", run_verify=False)
+    out = folder.parent / "hardware.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.bench.hardware", "--engines", str(folder), "--rounds", "2", "--buckets",
+         "--size", "240x320", "--peak-size", "512", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_bucket_twin_is_timed_beside_the_dynamic_engine_and_served_from_its_bucket(bucket_run):
+    stdout, report = bucket_run
+    twin = "openvino fp32, static bucket"
+    assert len(report["samples_s"][twin]) == 2 and report["detections"][twin] > 10
+    (name, bucketed), = report["buckets"].items()
+    assert name == "openvino fp32" and bucketed["bucket"] == "x".join(map(str, report["graph_hw"]))
+    # the warm-up and both timed calls ran in the static bucket, none on the dynamic model
+    assert bucketed["bucket_images"] >= 3 and bucketed["dynamic_images"] == 0
+    medians = report["medians_s"]
+    assert bucketed["vs_dynamic"] == pytest.approx(medians[twin] / medians["openvino fp32, 100 returned"])
+    assert f"static shape bucket {bucketed['bucket']}" in stdout
