@@ -24,16 +24,20 @@ ROWS = ("openvino_bf16", "openvino_int8", "best_fp32", "default_engine", "ten_re
 RUNNERS = ("eager fp32", "eager bf16 autocast", "onnxruntime fp32, 100 returned", "onnxruntime fp32, 10 returned")
 
 
-@pytest.fixture(scope="module")
-def run(engine_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("hardware") / "hardware.json"
+def bench(engine, out, *options):
+    """The bench's stdout and ``--json`` report on ``engine``: a small photo and peak matmul."""
     done = subprocess.run(
-        [sys.executable, "-m", "scripts.bench.hardware", "--engines", str(engine_dir), "--rounds", "1",
+        [sys.executable, "-m", "scripts.bench.hardware", "--engines", str(engine), *options,
          "--size", "240x320", "--peak-size", "512", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def run(engine_dir, tmp_path_factory):
+    return bench(engine_dir, tmp_path_factory.mktemp("hardware") / "hardware.json", "--rounds", "1")
 
 
 def test_every_row_is_printed_and_written(run):
@@ -110,14 +114,7 @@ def bucket_run(tmp_path_factory):
         pytest.skip("OpenVINO is not installed")
     folder = tmp_path_factory.mktemp("hardware-ov") / "openvino-fp32"
     compile_step(cached_export(), folder, backend="openvino", precision="fp32", run_verify=False)
-    out = folder.parent / "hardware.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "scripts.bench.hardware", "--engines", str(folder), "--rounds", "2", "--buckets",
-         "--size", "240x320", "--peak-size", "512", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, json.loads(out.read_text())
+    return bench(folder, folder.parent / "hardware.json", "--rounds", "2", "--buckets")
 
 
 def test_bucket_twin_is_timed_beside_the_dynamic_engine_and_served_from_its_bucket(bucket_run):
