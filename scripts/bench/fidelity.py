@@ -219,12 +219,15 @@ def load_split(args: argparse.Namespace) -> Split:
 
 
 def exported(args: argparse.Namespace) -> tuple[str, Path]:
-    """The checkpoint's sha256 and its export folder in ``--work`` (exported unless there)."""
+    """The checkpoint's sha256 and its export folder in ``--work``, named by the checkpoint and the
+    code that builds (``scripts.tools.build_sources``), so engines built beside it are never stale;
+    exported unless there."""
     from build_tools.checkpoint import sha256_of
     from build_tools.pipeline import export_step
+    from scripts.tools.build_sources import build_sources_digest
 
     sha = sha256_of(args.checkpoint)
-    export_dir = args.work / f"export-{sha[:12]}"
+    export_dir = args.work / f"export-{sha[:12]}-{build_sources_digest()}"
     if not (export_dir / "export.json").is_file():
         export_step(export_dir, str(args.checkpoint))
     return sha, export_dir

@@ -64,6 +64,7 @@ from build_tools.timing import time_calls
 from scripts.bench.profile import ProfileError
 from scripts.bench.profile import format_report as format_profile
 from scripts.bench.profile import profile
+from scripts.tools.build_sources import build_source_files
 from scripts.tools.http import image_headers
 from scripts.tools.photos import synthetic_photo
 from scripts.tools.service_process import running_service
@@ -75,8 +76,6 @@ BUILD = str(Path(sys.executable).with_name("maskrcnn-build"))
 ROOT = Path(__file__).resolve().parents[2]
 # What the default run builds from --export, in this order: (backend, precision).
 DEFAULT_ENGINES = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8"))
-# Files whose change makes a cached engine stale (with the export and the calibration images).
-BUILD_SOURCES = ("build_tools/**/*.py", "service/backends/**/*.py", "service/manifest.py")
 EAGER, PEER = "eager fp32", "eager bf16 autocast"
 RETURNED = (100, 10)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -133,7 +132,7 @@ def build_key(export_dir: Path, calib_images: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in export_dir.iterdir() if p.is_file())
     files += sorted(p for p in calib_images.iterdir() if p.is_file())
-    files += sorted({p for pattern in BUILD_SOURCES for p in ROOT.glob(pattern)})
+    files += build_source_files()
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
