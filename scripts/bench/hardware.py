@@ -25,14 +25,16 @@ runners taking turns call by call, every second round in reverse order (``time_c
   ways in one run (the report's ``buckets`` gives each twin's time over its dynamic-shape engine's
   and the images its ``/metrics`` counted in the bucket).
 
-Then each engine is profiled once after a warm-up by ``scripts.bench.profile`` (its backend's own
+Then each engine is profiled ``--profile-runs`` times (engines taking turns, the median run
+reported) after a warm-up by ``scripts.bench.profile`` (its backend's own
 profiler, at the padded size the graph sees), with the matmul peak of each precision and the
 network's conv/FC FLOPs measured in the same run. The goals table compares medians of this run:
 OpenVINO bf16 against eager fp32 and the peer, OpenVINO int8 against eager fp32, the best fp32
 engine against eager fp32 and the fp32 matmul floor (FLOPs / fp32 peak), the main job's default
 engine (``scripts/serve.sh`` builds ``--backend auto --precision fp32``: the faster fp32 engine,
 here as measured in this run) against the peer, each engine at 10 against 100 detections, and
-from the profiles each engine's non-arithmetic share and conv/FC rate against its precision's peak.
+from the profiles each engine's non-arithmetic share and conv/FC rate against its precision's peak,
+and OpenVINO int8's conv/FC time against bf16's.
 
     python -m scripts.bench.hardware --export artifacts/hw/export --json hardware.json
     python -m scripts.bench.hardware --engines artifacts/ort-fp32 artifacts/ov-bf16 --rounds 3
@@ -245,10 +247,11 @@ def graph_hw(engine_dir: Path, jpeg: bytes) -> tuple[int, int]:
 
 def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, int] = (800, 1333),
             threads: int = 2, score_threshold: float = 0.05, peak_size: int = 4096,
-            onnx: Path | None = None, buckets: bool = False) -> dict[str, Any]:
+            onnx: Path | None = None, buckets: bool = False, profile_runs: int = 5) -> dict[str, Any]:
     """Time eager fp32, the autocast peer and every engine at 100 and 10 returned detections (and,
     with ``buckets``, each OpenVINO engine's static-bucket twin) in interleaved rounds, then profile
-    each engine once (``scripts.bench.profile.profile``).
+    each engine ``profile_runs`` times, engines taking turns (``scripts.bench.profile.profile``: the
+    run with the median total is reported).
 
     Returns the report ``--json`` writes: ``cpu``, ``cpu_bf16`` (its bf16 instruction sets), ``photo``
     (``hw``, ``bytes``), ``graph_hw``, ``rounds``, ``threads``, ``score_threshold``, ``engines`` (``name``, ``folder``,
@@ -295,7 +298,7 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
         samples = time_calls(runners, rounds, warmup=1, alternate=True)
         bucket_images = {name: {"bucket_images": bucket_count(url, bucket), "dynamic_images": bucket_count(url, "dynamic")}
                          for name, url in twin_urls.items()}
-    profiled = profile([e.folder for e in engines], height=hw[0], width=hw[1], runs=1, threads=threads,
+    profiled = profile([e.folder for e in engines], height=hw[0], width=hw[1], runs=profile_runs, threads=threads,
                        onnx=onnx, peak_size=peak_size)
     report = {
         "cpu": describe_cpu(facts), "cpu_bf16": bf16_flags(facts),
@@ -398,6 +401,14 @@ def goal_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         of_peak_check(e, p["roofline"])
         for e, p in zip(engines, profiles) if p["roofline"] and "of_peak" in p["roofline"]
     ], "no conv/FC FLOPs counted (no ONNX Runtime engine in the run and no export)"))
+    int8_profile, bf16_profile = (next((p for e, p in zip(engines, profiles) if (e.backend, e.precision) == kind), None)
+                                  for kind in (("openvino", "int8"), ("openvino", "bf16")))
+    rows.append(goal_row("int8_conv_vs_bf16", "int8 convolutions/FCs vs bf16's (CPUs with AMX-int8 or VNNI)",
+                         "measurably faster: <= 90% of bf16's time", [
+                             share_check("OpenVINO int8 conv/FC time of bf16's",
+                                         int8_profile["arithmetic_s"] / bf16_profile["arithmetic_s"], 0.9, "<=",
+                                         f"{int8_profile['arithmetic_s']:.3f} s / {bf16_profile['arithmetic_s']:.3f} s"),
+                         ] if int8_profile and bf16_profile else [], "no OpenVINO int8 and bf16 engines profiled"))
     return rows
 
 
@@ -426,7 +437,7 @@ def format_report(report: Mapping[str, Any], command: str) -> str:
         lines.append(f"{name}: static shape bucket {twin['bucket']} {twin['vs_dynamic']:.2f}x the dynamic-shape "
                      f"engine's median (100 returned; {twin['bucket_images']:.0f} images ran in the bucket, "
                      f"{twin['dynamic_images']:.0f} on the dynamic model)")
-    lines += ["", "== profile (scripts.bench.profile: one profiled call per engine after a warm-up)",
+    lines += ["", f"== profile (scripts.bench.profile: {report['profile']['runs']} profiled calls per engine after a warm-up)",
               format_profile(report["profile"]), "",
               f"== goals (issue 27), CPU: {report['cpu']}",
               "| engine | goal | measured | met |", "|---|---|---|---|"]
@@ -463,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads per engine and for eager (default 2)")
     parser.add_argument("--score-threshold", type=float, default=0.05, help="requests' and eager's (default 0.05)")
     parser.add_argument("--peak-size", type=int, default=4096, help="side of the peak matmul (default 4096)")
+    parser.add_argument("--profile-runs", type=int, default=5,
+                        help="profiled calls per engine after a warm-up, engines taking turns (default 5)")
     parser.add_argument("--buckets", action="store_true",
                         help="also time each OpenVINO engine served with a static shape bucket at the photo's padded "
                              "size (--openvino-shape-buckets), 100 returned")
@@ -477,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             onnx = args.export / "model.onnx"
         report = measure(engine_dirs, rounds=args.rounds, size=args.size, threads=args.threads,
                          score_threshold=args.score_threshold, peak_size=args.peak_size, onnx=onnx,
-                         buckets=args.buckets)
+                         buckets=args.buckets, profile_runs=args.profile_runs)
     except (HardwareBenchError, ProfileError, ManifestError) as error:
         parser.error(str(error))
     report.update(command=command, not_built=skipped)
