@@ -50,7 +50,8 @@ MODEL_FILE = "model.xml"
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 ROI_ALIGN_PRECISIONS = ("bf16", "fp32")
 PREDICTOR_PRECISIONS = ("fp32", "bf16")
-# int8 activations: NNCF's MIXED preset (asymmetric activations, a zero point each) or PERFORMANCE
+# int8 activations: NNCF's MIXED preset (asymmetric activations, a zero point each: the default, as
+# the activations after ReLU-free adds, the FPN sums, are not centred on zero) or PERFORMANCE
 # (symmetric: signed int8 where a tensor has negative values, no zero point).
 ACTIVATION_PRESETS = {"asymmetric": "MIXED", "symmetric": "PERFORMANCE"}
 # OpenVINO's DisablePrecisionConversion runtime attribute as the IR text spells it.

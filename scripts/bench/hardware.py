@@ -227,13 +227,14 @@ def served_runner(client: httpx.Client, url: str, jpeg: bytes, params: Mapping[s
     return run
 
 
-def bucket_count(url: str, bucket: str) -> float:
-    """Images the service at ``url`` ran in shape bucket ``bucket``, from its ``/metrics``."""
+def bucket_counts(url: str) -> dict[str, float]:
+    """Images the service at ``url`` ran per shape bucket (``HxW`` or ``dynamic``), from one read of
+    its ``/metrics``."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "maskrcnn_shape_bucket_images_total" and sample.labels.get("bucket") == bucket)
+    return {sample.labels["bucket"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "maskrcnn_shape_bucket_images_total"}
 
 
 def graph_hw(engine_dir: Path, jpeg: bytes) -> tuple[int, int]:
@@ -296,8 +297,7 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
                 engine.bucket_runner, detections)
         print(f"timing {len(runners)} runners: 1 untimed round, then {rounds} interleaved", flush=True)
         samples = time_calls(runners, rounds, warmup=1, alternate=True)
-        bucket_images = {name: {"bucket_images": bucket_count(url, bucket), "dynamic_images": bucket_count(url, "dynamic")}
-                         for name, url in twin_urls.items()}
+        twin_counts = {name: bucket_counts(url) for name, url in twin_urls.items()}
     profiled = profile([e.folder for e in engines], height=hw[0], width=hw[1], runs=profile_runs, threads=threads,
                        onnx=onnx, peak_size=peak_size)
     report = {
@@ -308,7 +308,8 @@ def measure(engine_dirs: Sequence[Path], *, rounds: int = 5, size: tuple[int, in
                     for e in engines],
         "samples_s": samples, "medians_s": {n: statistics.median(s) for n, s in samples.items()},
         "detections": detections, "profile": profiled,
-        "buckets": {e.name: {"bucket": bucket, **bucket_images[e.name],
+        "buckets": {e.name: {"bucket": bucket, "bucket_images": twin_counts[e.name].get(bucket, 0.0),
+                             "dynamic_images": twin_counts[e.name].get("dynamic", 0.0),
                              "vs_dynamic": statistics.median(samples[e.bucket_runner])
                              / statistics.median(samples[e.runner(100)])} for e in bucketed},
     }
