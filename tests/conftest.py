@@ -17,6 +17,12 @@ What tests share (import plain functions with ``from conftest import ...``):
 - ``perturb_batch_norms_(model, seed)``: non-identity BN statistics for random mmdet checkpoints;
 - ``wait_until(condition)``: poll, fail the test when it stays false.
 
+The cache stays bounded: every entry's name ends in its ``cache_key``, so each change to the producers
+adds a new generation beside the old one. At the start of a session ``prune_cache`` keeps the
+``KEEP_GENERATIONS`` newest entries of each kind (the name without its key) and removes the rest and
+any half-built ``.tmp<pid>`` folder of a process that is gone (a 2-core CI disk filled up with 38 GiB of
+stale generations before this).
+
 A live server (in-process or a ``maskrcnn-serve`` subprocess) comes from ``serving`` in
 ``scripts/tools/service_process.py``, the one module tests and tools start the service with.
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +46,10 @@ PRODUCERS = sorted(
      *(ROOT / "service/backends" / n for n in ("__init__.py", "base.py", "onnxruntime.py")),
      ROOT / "service/manifest.py", ROOT / "service/preprocess.py", ROOT / "service/postprocess.py"]
 )
+KEEP_GENERATIONS = 2
+STALE_BUILD_S = 6 * 3600
+_KEYED = re.compile(r"^(?P<kind>.+)-[0-9a-f]{16}(?P<ext>\.[a-z]+)?$")
+_BUILDING = re.compile(r"^.+\.tmp(?P<pid>[0-9]+)$")
 SAMPLE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg")
 
 
@@ -50,6 +61,48 @@ def cache_key(**params) -> str:
     for path in PRODUCERS:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def prune_cache(folder: Path = CACHE, keep: int = KEEP_GENERATIONS) -> list[Path]:
+    """Remove all but the ``keep`` newest (by modification time) keyed entries of each kind in
+    ``folder``, and ``.tmp<pid>`` folders untouched for ``STALE_BUILD_S`` whose process is gone (a
+    session in another PID namespace sharing the folder may still be building a fresh one);
+    return what was removed."""
+    if not folder.is_dir():
+        return []
+    kinds: dict[tuple[str, str], list[Path]] = {}
+    removed = []
+    for entry in folder.iterdir():
+        building = _BUILDING.match(entry.name)
+        if building:
+            if time.time() - entry.stat().st_mtime < STALE_BUILD_S:
+                continue
+            try:
+                os.kill(int(building["pid"]), 0)
+            except ProcessLookupError:
+                removed.append(entry)
+            except PermissionError:  # alive, another user's
+                pass
+            continue
+        keyed = _KEYED.match(entry.name)
+        if keyed:
+            kinds.setdefault((keyed["kind"], keyed["ext"] or ""), []).append(entry)
+    for entries in kinds.values():
+        entries.sort(key=lambda e: e.stat().st_mtime, reverse=True)
+        removed.extend(entries[keep:])
+    for entry in removed:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return removed
+
+
+def pytest_sessionstart(session) -> None:
+    removed = prune_cache()
+    if removed:
+        print(f"\ntest cache {CACHE}: removed {len(removed)} stale entries (kept the "
+              f"{KEEP_GENERATIONS} newest of each kind)")
 
 
 def wait_until(condition, timeout_s: float = 30.0) -> None:
