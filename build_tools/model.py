@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -409,29 +409,35 @@ class ProposalNetwork(RegionProposalNetwork):
         num_anchors_per_level = [o[0].shape[0] * o[0].shape[1] * o[0].shape[2] for o in objectness]
         objectness, deltas = concat_box_prediction_layers(objectness, deltas)
         num_images = images.shape[0]
-        anchors = anchors[None].expand(num_images, -1, -1).reshape(-1, 4)
-        proposals = self.box_coder.decode_single(deltas.detach(), anchors).reshape(num_images, -1, 4)
-        image, boxes, _ = self.select_proposals(proposals, objectness, image_sizes, num_anchors_per_level)
+        deltas = deltas.detach().reshape(num_images, -1, 4)
+
+        def decode(top_n_idx: Tensor) -> Tensor:
+            # only the pre-NMS top-k of each level are decoded (~1/60 of the anchors at 800x1333);
+            # decoding is per anchor, so the boxes are those of decoding every anchor first
+            picked = deltas.gather(1, top_n_idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+            return self.box_coder.decode_single(picked, anchors[top_n_idx].reshape(-1, 4)).reshape(num_images, -1, 4)
+
+        image, boxes, _ = self.select_proposals(decode, objectness, image_sizes, num_anchors_per_level)
         return image, boxes, rank_within_image(image, torch.arange(num_images, device=image.device))
 
     def select_proposals(
-        self, proposals: Tensor, objectness: Tensor, image_sizes: Tensor, num_anchors_per_level
+        self, decode: Callable[[Tensor], Tensor], objectness: Tensor, image_sizes: Tensor, num_anchors_per_level
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k per level, clip, drop small boxes, NMS per level, keep ``post_nms_top_n``; per image.
 
-        ``proposals [B, A, 4]``, ``objectness`` (``B * A`` logits), ``image_sizes [B, 2]``. Returns
-        ``(image [K], boxes [K, 4], scores [K])``, image-major, each image's by decreasing score.
+        ``decode(top_n_idx [B, k]) -> boxes [B, k, 4]`` gives the proposal boxes of the selected anchors,
+        ``objectness`` (``B * A`` logits), ``image_sizes [B, 2]``. Returns ``(image [K], boxes [K, 4],
+        scores [K])``, image-major, each image's by decreasing score.
         """
-        num_images = proposals.shape[0]
+        num_images = image_sizes.shape[0]
         objectness = objectness.detach().reshape(num_images, -1)
         levels = torch.cat(
-            [torch.full((n,), i, dtype=torch.int64, device=proposals.device) for i, n in enumerate(num_anchors_per_level)]
+            [torch.full((n,), i, dtype=torch.int64, device=objectness.device) for i, n in enumerate(num_anchors_per_level)]
         )
         top_n_idx = self._get_top_n_idx(objectness, num_anchors_per_level)  # [B, k]
         scores = torch.sigmoid(objectness.gather(1, top_n_idx))
         levels = levels[top_n_idx]
-        boxes = proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
-        boxes = clip_boxes(boxes, image_sizes)
+        boxes = clip_boxes(decode(top_n_idx), image_sizes)
         wh = boxes[..., 2:] - boxes[..., :2]
         valid = (wh[..., 0] > self.min_size) & (wh[..., 1] > self.min_size)
         image, candidate = nms_per_image(boxes, scores, levels, valid, self.nms_thresh, self.post_nms_top_n())
@@ -440,7 +446,11 @@ class ProposalNetwork(RegionProposalNetwork):
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
         sizes = torch.stack([torch.as_tensor(s, dtype=torch.int64, device=proposals.device) for s in image_shapes])
-        image, boxes, scores = self.select_proposals(proposals, objectness, sizes, num_anchors_per_level)
+
+        def decoded(top_n_idx: Tensor) -> Tensor:
+            return proposals.gather(1, top_n_idx[..., None].expand(-1, -1, 4))
+
+        image, boxes, scores = self.select_proposals(decoded, objectness, sizes, num_anchors_per_level)
         counts = torch.bincount(image, minlength=proposals.shape[0]).tolist()
         return list(boxes.split(counts)), list(scores.split(counts))
 
