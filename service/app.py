@@ -95,7 +95,8 @@ def create_app(
             "max_batch_size": str(pipeline.max_batch_size),
             "sessions": str(pool.size),
             "threads_per_session": str(settings.threads_per_session),
-            "shape_buckets": ",".join(f"{h}x{w}" for h, w in pool.shape_buckets) or "none",
+            "shape_buckets": ",".join([*(f"{h}x{w}" for h, w in pool.shape_buckets),
+                                       *([f"auto:{pool.auto_buckets}"] if pool.auto_buckets else [])]) or "none",
         })
         metrics.memory_in_flight.set_function(lambda: budget.in_use_bytes)
         metrics.memory_budget.set(budget.limit_bytes)

@@ -108,6 +108,11 @@ class EnginePool:
         return list(getattr(self._sessions[0].engine, "shape_buckets", []))
 
     @property
+    def auto_buckets(self) -> int:
+        """How many shape buckets each engine may still learn while serving (0: none)."""
+        return int(getattr(self._sessions[0].engine, "auto_buckets", 0))
+
+    @property
     def serving(self) -> bool:
         """Whether at least one session can take a batch (the others may be being replaced)."""
         return bool(self._sessions)

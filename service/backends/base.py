@@ -95,6 +95,28 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
+def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT, meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """Bytes this process could still allocate: the machine's ``MemAvailable``, capped by what its
+    cgroup's memory limit leaves (v2 ``memory.max`` - ``memory.current``, else v1
+    ``memory/memory.limit_in_bytes`` - ``memory/memory.usage_in_bytes``); None when neither is readable."""
+    free = None
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit, usage in (("memory.max", "memory.current"),
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            left = int((cgroup_root / limit).read_text()) - int((cgroup_root / usage).read_text())
+        except (OSError, ValueError):  # absent, or v2 "max": no limit
+            continue
+        free = left if free is None else min(free, left)
+        break
+    return None if free is None else max(free, 0)
+
+
 def canonical_precision(name: str) -> str:
     """``fp32``/``fp16``/``bf16``/``int8`` for a precision name or one of the seed's aliases.
 

@@ -67,6 +67,9 @@ def test_shape_buckets_are_parsed_against_the_profile(openvino_fp32):
     mutable = manifest.model_copy(update={"shape_profile": manifest.shape_profile.model_copy(
         update={"batch": BatchProfile(mutable=True, min=1, max=4)})})
     assert openvino.shape_buckets("opt", mutable) == []  # buckets are static batches too
+    assert [openvino.auto_buckets(spec, manifest) for spec in ("auto", "auto:1", "auto:0", "opt", "none")] \
+        == [openvino.AUTO_DEFAULT_MAX, 1, 0, 0, 0]
+    assert openvino.shape_buckets("auto:3", manifest) == [] and openvino.auto_buckets("auto", mutable) == 0
 
 
 @needs_openvino
@@ -93,3 +96,46 @@ def test_a_bucketed_size_runs_static_and_others_fall_back_to_dynamic(openvino_fp
     np.testing.assert_array_equal(ours["labels"], theirs["labels"])
     np.testing.assert_allclose(ours["dets"], theirs["dets"], atol=1e-2)
     np.testing.assert_allclose(ours["masks"], theirs["masks"], atol=1e-3)
+
+
+@needs_openvino
+def test_auto_buckets_are_learned_from_the_sizes_served(openvino_fp32, caplog):
+    """``auto:1``: the third call at 800x1088 starts its bucket's compilation; once it is ready that
+    size runs static with the dynamic model's answers; a second size gets none (at most one)."""
+    engine = openvino.load(openvino_fp32, Manifest.load(openvino_fp32), options={"shape_buckets": "auto:1"})
+    assert engine.shape_buckets == [] and engine.auto_buckets == 1
+    spec = engine.manifest.input.spec
+    landscape = pad_batch([prepare_image(gradient(48, 64, seed=2), spec)], 32, batch_size=1)
+    portrait = pad_batch([prepare_image(gradient(64, 48, seed=2), spec)], 32, batch_size=1)
+    assert landscape[0].shape[2:] == (800, 1088) and portrait[0].shape[2:] == (1088, 800)
+    with caplog.at_level("INFO", logger="service.backends.openvino"):
+        dynamic = [engine.infer(*landscape) for _ in range(openvino.AUTO_AFTER)]
+        assert engine.last_shape == "dynamic"
+        engine.wait_for_buckets(timeout_s=300)
+    assert engine.shape_buckets == [(800, 1088)]
+    assert any("shape bucket 800x1088 compiled after 3 dynamic calls" in r.getMessage() for r in caplog.records)
+    static = engine.infer(*landscape)
+    assert engine.last_shape == "800x1088"
+    np.testing.assert_array_equal(static["labels"], dynamic[0]["labels"])
+    np.testing.assert_allclose(static["dets"], dynamic[0]["dets"], atol=1e-2)
+    np.testing.assert_allclose(static["masks"], dynamic[0]["masks"], atol=1e-3)
+    for _ in range(openvino.AUTO_AFTER + 1):
+        engine.infer(*portrait)
+        assert engine.last_shape == "dynamic"
+    engine.wait_for_buckets(timeout_s=300)
+    assert engine.shape_buckets == [(800, 1088)]
+
+
+@needs_openvino
+def test_auto_buckets_stop_where_memory_would_not_hold_one(openvino_fp32, caplog):
+    """With more memory needed than any machine has left, no bucket is compiled and the log says why."""
+    manifest = Manifest.load(openvino_fp32)
+    engine = openvino.OpenVinoEngine(openvino_fp32 / manifest.model_file, manifest, auto_buckets=2,
+                                     auto_min_free_bytes=2**60)
+    feed = pad_batch([prepare_image(gradient(48, 64, seed=3), manifest.input.spec)], 32, batch_size=1)
+    with caplog.at_level("WARNING", logger="service.backends.openvino"):
+        for _ in range(openvino.AUTO_AFTER + 1):
+            engine.infer(*feed)
+    engine.wait_for_buckets(timeout_s=300)
+    assert engine.shape_buckets == [] and engine.auto_buckets == 0 and engine.last_shape == "dynamic"
+    assert any("not compiling a 800x1088 shape bucket" in r.getMessage() for r in caplog.records)

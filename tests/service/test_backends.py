@@ -23,7 +23,7 @@ from build_tools.images import list_images
 from build_tools.pipeline import calibration_feeds, compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import BackendUnavailable, backend_names, get_backend, load_engine
-from service.backends.base import OUTPUT_DTYPES, OUTPUT_NAMES, PRECISIONS, cpu_cores
+from service.backends.base import OUTPUT_DTYPES, OUTPUT_NAMES, PRECISIONS, available_memory_bytes, cpu_cores
 from service.manifest import Manifest
 
 NAMES = backend_names()
@@ -78,6 +78,25 @@ def test_cpu_cores_honours_the_cgroup_quota_and_the_affinity_mask(tmp_path, file
         (tmp_path / name).write_text(text)
     affinity = len(os.sched_getaffinity(0))
     assert cpu_cores(tmp_path) == (affinity if cap is None else min(affinity, cap))
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"memory.max": "3000000000\n", "memory.current": "1000000000\n"}, 2_000_000_000),  # v2 limit
+    ({"memory.max": "max\n", "memory.current": "1000000000\n"}, 8 * 2**30),  # v2 without a limit
+    ({"memory/memory.limit_in_bytes": "2000000000\n", "memory/memory.usage_in_bytes": "500000000\n"},
+     1_500_000_000),  # v1
+    ({"memory.max": "1000\n", "memory.current": "5000\n"}, 0),  # over the limit: nothing left
+    ({}, 8 * 2**30),  # no cgroup files: the machine's MemAvailable
+])
+def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path, files, expected):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(f"MemTotal:       24000000 kB\nMemAvailable:    {8 * 2**20} kB\n")
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert available_memory_bytes(tmp_path, meminfo) == expected
+    assert available_memory_bytes(tmp_path / "none", tmp_path / "absent") is None
+    assert 0 < available_memory_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @pytest.mark.parametrize("name", NAMES)
