@@ -11,7 +11,9 @@
 # works but detects nothing meaningful). With VERIFY_ANN (a COCO annotation file of labelled images,
 # file_name relative to its folder) the build may choose bf16, or int8 when CALIB_IMAGES names a
 # folder of calibration images, where that is faster here and keeps its AP on those images within
-# its bound (default ENGINE then artifacts/auto). Extra arguments go to maskrcnn-serve.
+# its bound (default ENGINE then artifacts/auto). An OpenVINO engine learns static shape buckets
+# for the padded sizes it serves most (MASKRCNN_OPENVINO_SHAPE_BUCKETS, default here auto: at most
+# two, while memory allows; `none` turns it off). Extra arguments go to maskrcnn-serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${VERIFY_ANN:-}" ]; then
@@ -36,4 +38,5 @@ if [ ! -f "$ENGINE/manifest.json" ]; then
   fi
   .venv/bin/maskrcnn-build all "${source_args[@]}" --backend auto "${precision_args[@]}" --out "$ENGINE"
 fi
+export MASKRCNN_OPENVINO_SHAPE_BUCKETS=${MASKRCNN_OPENVINO_SHAPE_BUCKETS:-auto}
 exec .venv/bin/maskrcnn-serve --engine "$ENGINE" "$@"
