@@ -1,5 +1,5 @@
 """Every shell script of scripts/ and docker/ parses (``-n`` with the shell its ``#!`` line names)
-and is executable."""
+and is executable; what serve.sh (the main job) passes on."""
 
 from __future__ import annotations
 
@@ -39,3 +39,38 @@ def test_serve_sh_passes_labelled_images_to_the_build_and_a_wrong_path_fails_at_
     assert result.returncode != 0
     assert f"--verify-ann {tmp_path / 'missing.json'}: no such file" in result.stderr
     assert "exporting" not in result.stderr and not (tmp_path / "engine").exists()
+
+
+@pytest.mark.parametrize("setting, shown", [(None, "auto:2"), ("none", "none")])
+def test_serve_sh_serves_openvino_with_learned_shape_buckets_unless_told_otherwise(
+        export_dir, tmp_path_factory, setting, shown):
+    """The main job on an OpenVINO engine: ``auto`` shape buckets by default (the engine info on
+    /metrics says so), ``MASKRCNN_OPENVINO_SHAPE_BUCKETS`` overrides it."""
+    import httpx
+
+    from build_tools.pipeline import compile_step
+    from scripts.tools.service_process import free_port
+    from scripts.tools.wait_ready import wait_ready
+    from service.backends import get_backend
+
+    ok, reason = get_backend("openvino").available()
+    if not ok:
+        pytest.skip(reason)
+    engine = tmp_path_factory.getbasetemp() / "serve-sh-openvino"
+    if not (engine / "manifest.json").is_file():
+        compile_step(export_dir, engine, backend="openvino", precision="fp32", run_verify=False, progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "MASKRCNN_OPENVINO_SHAPE_BUCKETS"}
+    env["ENGINE"] = str(engine)
+    if setting is not None:
+        env["MASKRCNN_OPENVINO_SHAPE_BUCKETS"] = setting
+    port = free_port()
+    server = subprocess.Popen(["bash", str(ROOT / "scripts/serve.sh"), "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, alive=lambda: server.poll() is None, timeout_s=300)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'backend="openvino"' in metrics and f'shape_buckets="{shown}"' in metrics
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
