@@ -39,6 +39,7 @@ from prometheus_client import Counter, Gauge
 from starlette.requests import Request
 from starlette.types import Message
 
+from service.backends.base import CGROUP_ROOT, cgroup_memory
 from service.batcher import Batcher, Slot
 from service.exceptions import DeadlineExceeded, NotReady, Overloaded, ServiceError, SlowBody
 from service.request import body_bytes_to_hold, discard_body
@@ -50,7 +51,6 @@ P = TypeVar("P")
 
 MIN_DEFAULT_BUDGET = 256 * 2**20
 MAX_DEFAULT_BUDGET = 2 * 2**30
-_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 # Decoding holds PIL's buffer (4 bytes a pixel: it stores RGB as RGBX) and the RGB array (3) at
 # once; measured: a 24-megapixel JPEG adds 160 MiB of RSS when decoded (6.7 bytes a pixel).
 DECODE_BYTES_PER_PIXEL = 4 + 3
@@ -59,17 +59,11 @@ DECODE_BYTES_PER_PIXEL = 4 + 3
 TENSOR_BYTES_PER_PIXEL = 3 + 12 + 12
 
 
-def memory_limit_bytes() -> int:
+def memory_limit_bytes(cgroup_root: Path = CGROUP_ROOT) -> int:
     """The container's memory limit (cgroup), else the machine's physical memory."""
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in _CGROUP_LIMITS:
-        try:
-            text = path.read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            return min(int(text), physical)  # v1 reports "no limit" as a huge number
-    return physical
+    cgroup = cgroup_memory(cgroup_root)
+    return physical if cgroup is None else min(cgroup[0], physical)
 
 
 def default_budget_bytes() -> int:

@@ -95,10 +95,31 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
+# cgroup v2, then v1: the memory limit file and the usage file.
+_CGROUP_MEMORY_FILES = (("memory.max", "memory.current"),
+                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+
+
+def cgroup_memory(cgroup_root: Path = CGROUP_ROOT) -> tuple[int, int | None] | None:
+    """``(limit, usage)`` in bytes from the cgroup memory controller at ``cgroup_root`` (v2, else
+    v1; usage None where unreadable); None where no limit is readable (v2 writes ``max`` for none).
+    A v1 controller without a limit reports a huge number: callers cap it by what the machine has."""
+    for limit_file, usage_file in _CGROUP_MEMORY_FILES:
+        try:
+            limit = int((cgroup_root / limit_file).read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            usage = int((cgroup_root / usage_file).read_text())
+        except (OSError, ValueError):
+            usage = None
+        return limit, usage
+    return None
+
+
 def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT, meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """Bytes this process could still allocate: the machine's ``MemAvailable``, capped by what its
-    cgroup's memory limit leaves (v2 ``memory.max`` - ``memory.current``, else v1
-    ``memory/memory.limit_in_bytes`` - ``memory/memory.usage_in_bytes``); None when neither is readable."""
+    cgroup's memory limit leaves (``cgroup_memory``: limit - usage); None when neither is readable."""
     free = None
     try:
         for line in meminfo.read_text().splitlines():
@@ -106,14 +127,10 @@ def available_memory_bytes(cgroup_root: Path = CGROUP_ROOT, meminfo: Path = Path
                 free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    for limit, usage in (("memory.max", "memory.current"),
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            left = int((cgroup_root / limit).read_text()) - int((cgroup_root / usage).read_text())
-        except (OSError, ValueError):  # absent, or v2 "max": no limit
-            continue
+    cgroup = cgroup_memory(cgroup_root)
+    if cgroup is not None and cgroup[1] is not None:
+        left = cgroup[0] - cgroup[1]
         free = left if free is None else min(free, left)
-        break
     return None if free is None else max(free, 0)
 
 

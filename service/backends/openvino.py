@@ -168,8 +168,10 @@ class OpenVinoEngine(EngineBase):
 
     def _learn(self, hw: tuple[int, int]) -> None:
         """Count a dynamic call at ``hw``; start compiling its bucket once it is due and allowed."""
+        if len(self._tried) >= self.auto_buckets or hw in self._tried:
+            return  # nothing more to learn: the counter stops growing with the sizes clients send
         self._dynamic_calls[hw] += 1
-        if self._dynamic_calls[hw] < AUTO_AFTER or hw in self._tried or len(self._tried) >= self.auto_buckets:
+        if self._dynamic_calls[hw] < AUTO_AFTER:
             return
         free = available_memory_bytes()
         if free is not None and free < self._auto_min_free_bytes:

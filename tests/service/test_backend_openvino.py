@@ -101,7 +101,8 @@ def test_a_bucketed_size_runs_static_and_others_fall_back_to_dynamic(openvino_fp
 @needs_openvino
 def test_auto_buckets_are_learned_from_the_sizes_served(openvino_fp32, caplog):
     """``auto:1``: the third call at 800x1088 starts its bucket's compilation; once it is ready that
-    size runs static with the dynamic model's answers; a second size gets none (at most one)."""
+    size runs static with the dynamic model's answers; a second size gets none (at most one), and
+    is not even counted."""
     engine = openvino.load(openvino_fp32, Manifest.load(openvino_fp32), options={"shape_buckets": "auto:1"})
     assert engine.shape_buckets == [] and engine.auto_buckets == 1
     spec = engine.manifest.input.spec
@@ -124,6 +125,8 @@ def test_auto_buckets_are_learned_from_the_sizes_served(openvino_fp32, caplog):
         assert engine.last_shape == "dynamic"
     engine.wait_for_buckets(timeout_s=300)
     assert engine.shape_buckets == [(800, 1088)]
+    # with the cap reached, sizes are no longer counted: memory stays bounded whatever sizes clients send
+    assert (1088, 800) not in engine._dynamic_calls
 
 
 @needs_openvino

@@ -23,7 +23,15 @@ from build_tools.images import list_images
 from build_tools.pipeline import calibration_feeds, compile_step
 from build_tools.verify import Tolerance, check_tolerance, verify
 from service.backends import BackendUnavailable, backend_names, get_backend, load_engine
-from service.backends.base import OUTPUT_DTYPES, OUTPUT_NAMES, PRECISIONS, available_memory_bytes, cpu_cores
+from service.admission import memory_limit_bytes
+from service.backends.base import (
+    OUTPUT_DTYPES,
+    OUTPUT_NAMES,
+    PRECISIONS,
+    available_memory_bytes,
+    cgroup_memory,
+    cpu_cores,
+)
 from service.manifest import Manifest
 
 NAMES = backend_names()
@@ -97,6 +105,26 @@ def test_available_memory_is_capped_by_the_cgroup_limit(tmp_path, files, expecte
     assert available_memory_bytes(tmp_path, meminfo) == expected
     assert available_memory_bytes(tmp_path / "none", tmp_path / "absent") is None
     assert 0 < available_memory_bytes() <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@pytest.mark.parametrize("files, cgroup, limit", [
+    ({"memory.max": "3000000000\n", "memory.current": "1000000000\n"}, (3_000_000_000, 1_000_000_000),
+     3_000_000_000),  # v2
+    ({"memory.max": "max\n", "memory.current": "1000000000\n"}, None, None),  # v2 without a limit
+    ({"memory/memory.limit_in_bytes": "2000000000\n"}, (2_000_000_000, None), 2_000_000_000),  # v1, no usage file
+    ({"memory/memory.limit_in_bytes": f"{2**63 - 4096}\n"}, (2**63 - 4096, None), None),  # v1 without a limit
+    ({}, None, None),  # no cgroup files
+])
+def test_the_admission_budget_and_the_bucket_check_read_one_cgroup_limit(tmp_path, files, cgroup, limit):
+    """The memory limit behind the default request budget (admission) and the memory left behind
+    the learned shape buckets (``available_memory_bytes``) come from the same cgroup reading;
+    None for the limit means the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_memory(tmp_path) == cgroup
+    assert memory_limit_bytes(tmp_path) == (physical if limit is None else min(limit, physical))
 
 
 @pytest.mark.parametrize("name", NAMES)
