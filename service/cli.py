@@ -26,6 +26,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.errors import install_connection_cap_answer
 from service.settings import Settings
 from service.tracing import uvicorn_log_config
 
@@ -126,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.engine_dir is None:
         parser.error("--engine DIR (or MASKRCNN_ENGINE_DIR) is required")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_connection_cap_answer(settings.retry_after_s)  # beyond the cap: JSON 503 like every refusal
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings),

@@ -9,11 +9,18 @@ routing errors (404, 405) to one body shape::
 Under :data:`PROTOCOL_PREFIX` (the KServe v2 / Open Inference Protocol routes) the same table
 renders the protocol's shape instead, ``{"error": "image is 25000000 bytes; ..."}``, with the
 statuses of :data:`PROTOCOL_STATUSES` changed (the protocol has no 422: a bad parameter is a 400).
+
+One refusal happens before the app runs: uvicorn answers a request beyond ``--max-connections``
+itself. :func:`install_connection_cap_answer` makes that answer this module's shape too (503,
+``Retry-After``, ``Connection: close``).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+
+import orjson
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,3 +93,53 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)
+
+
+# The code of the answer to a request beyond the server's connection cap.
+CONNECTION_CAP_CODE = "too_many_connections"
+# uvicorn's HTTP protocol modules: each picks ``service_unavailable`` (its own plain-text 503) for a
+# request beyond ``limit_concurrency``, by a name it imported.
+_UVICORN_PROTOCOLS = ("h11_impl", "httptools_impl", "zttp_impl", "zttp_h2_impl")
+
+
+def connection_cap_answer(retry_after_s: int):
+    """An ASGI app answering 503 in this module's body shape (the protocol's under
+    ``PROTOCOL_PREFIX``), with ``Retry-After`` and ``Connection: close``."""
+
+    async def answer(scope, receive, send) -> None:
+        message = "the server holds as many connections as it serves (--max-connections); retry after the delay"
+        path = scope.get("path", "")
+        if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+            body = orjson.dumps({"error": message})
+        else:
+            body = orjson.dumps({"error": {"code": CONNECTION_CAP_CODE, "message": message}})
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(retry_after_s).encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return answer
+
+
+def install_connection_cap_answer(retry_after_s: int) -> int:
+    """Put :func:`connection_cap_answer` where uvicorn's protocol modules look for their answer
+    beyond the connection cap; the number of modules changed. Patching by name is the one way in
+    (the choice is inside each module's request handler); a uvicorn without the name keeps its
+    plain-text 503, and the log says so."""
+    answer = connection_cap_answer(retry_after_s)
+    patched = 0
+    for name in _UVICORN_PROTOCOLS:
+        try:
+            module = importlib.import_module(f"uvicorn.protocols.http.{name}")
+        except ImportError:  # not in this uvicorn, or its parser library is not installed
+            continue
+        if hasattr(module, "service_unavailable"):
+            module.service_unavailable = answer
+            patched += 1
+    if not patched:
+        log.warning("uvicorn answers requests beyond --max-connections in plain text: none of its protocol "
+                    "modules has the answer this service replaces")
+    return patched

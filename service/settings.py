@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000, ge=1,
         description="Open connections this process serves (maskrcnn-serve's uvicorn limit_concurrency); a request "
-        "beyond them is answered 503 at once and its connection closed. Keep it below the open-file limit (ulimit -n).",
+        "beyond them is answered 503 (too_many_connections, Retry-After) at once and its connection closed. Keep it "
+        "below the open-file limit (ulimit -n).",
     )
     engine_timeout_s: float = Field(
         120.0, gt=0, le=3600, description="Longest one engine call may take; past it, 504 and the session is replaced."

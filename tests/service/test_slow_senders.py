@@ -191,6 +191,11 @@ def test_connections_beyond_the_cap_are_answered_503_and_closed(engine_dir, tmp_
         try:
             beyond = httpx.get(url + "/healthz", timeout=5)
             assert beyond.status_code == 503 and beyond.headers["connection"] == "close", beyond.headers
+            # the same JSON shape and Retry-After as every other refusal, though uvicorn answers it
+            assert beyond.json()["error"]["code"] == "too_many_connections", beyond.text
+            assert beyond.headers["retry-after"] == "1"
+            protocol = httpx.get(url + "/v2/health/ready", timeout=5)  # the Open Inference Protocol's shape
+            assert protocol.status_code == 503 and isinstance(protocol.json()["error"], str), protocol.text
         finally:
             for connection in idle:
                 connection.close()
