@@ -123,6 +123,8 @@ def create_app(
         description="Mask R-CNN instance segmentation over HTTP; GET /v1/models names the model and its classes.",
         lifespan=lifespan,
         default_response_class=OrjsonResponse,
+        # no online spec validator: Swagger UI would otherwise ask validator.swagger.io about our spec
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     install_error_handlers(app)

@@ -38,6 +38,8 @@ def test_docs_pages_load_only_what_the_app_serves(server, page):
         assert url.startswith("/") and not url.startswith("//"), f"{page} loads {url} from elsewhere"
         asset = httpx.get(server.url + url)
         assert asset.status_code == 200 and len(asset.content) > 100, url
+    if page == "/docs":  # nor does its script ask an online validator about the spec
+        assert re.search(r'"validatorUrl":\s*null', html.text), "Swagger UI keeps its online validator"
 
 
 def test_docs_requests_are_counted_by_route(server):
