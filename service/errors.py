@@ -21,13 +21,18 @@ import importlib
 import logging
 
 import orjson
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.exceptions import BadRequest, InvalidParameters, ServiceError, describe_validation_errors
+from service.exceptions import (
+    BadRequest,
+    InvalidParameters,
+    ServiceError,
+    TooManyConnections,
+    describe_validation_errors,
+)
 from service.response import OrjsonResponse
 
 log = logging.getLogger(__name__)
@@ -54,16 +59,19 @@ PROTOCOL_PREFIX = "/v2"
 PROTOCOL_STATUSES = {InvalidParameters.status_code: BadRequest.status_code}
 
 
+def _error_content(path: str, status_code: int, code: str, message: str) -> tuple[dict, int]:
+    """The body and status of an error answer to a request for ``path``: the protocol's shape under
+    ``PROTOCOL_PREFIX``, ours elsewhere."""
+    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
+        return {"error": message}, PROTOCOL_STATUSES.get(status_code, status_code)
+    return {"error": {"code": code, "message": message}}, status_code
+
+
 def _error_response(
     request: Request, status_code: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> OrjsonResponse:
-    path = request.url.path
-    if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
-        return OrjsonResponse({"error": message}, status_code=PROTOCOL_STATUSES.get(status_code, status_code),
-                              headers=headers)
-    return OrjsonResponse(
-        {"error": {"code": code, "message": message}}, status_code=status_code, headers=headers
-    )
+    content, status = _error_content(request.url.path, status_code, code, message)
+    return OrjsonResponse(content, status_code=status, headers=headers)
 
 
 async def _service_error(request: Request, exc: ServiceError) -> OrjsonResponse:
@@ -95,30 +103,22 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
-# The code of the answer to a request beyond the server's connection cap.
-CONNECTION_CAP_CODE = "too_many_connections"
 # uvicorn's HTTP protocol modules: each picks ``service_unavailable`` (its own plain-text 503) for a
 # request beyond ``limit_concurrency``, by a name it imported.
 _UVICORN_PROTOCOLS = ("h11_impl", "httptools_impl", "zttp_impl", "zttp_h2_impl")
 
 
 def connection_cap_answer(retry_after_s: int):
-    """An ASGI app answering 503 in this module's body shape (the protocol's under
-    ``PROTOCOL_PREFIX``), with ``Retry-After`` and ``Connection: close``."""
+    """An ASGI app answering :class:`TooManyConnections` as the exception handlers answer every
+    other error (the protocol's body shape under ``PROTOCOL_PREFIX``)."""
+    refusal = TooManyConnections(retry_after_s=retry_after_s)
+    headers = [(name.lower().encode(), value.encode()) for name, value in refusal.headers.items()]
 
     async def answer(scope, receive, send) -> None:
-        message = "the server holds as many connections as it serves (--max-connections); retry after the delay"
-        path = scope.get("path", "")
-        if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
-            body = orjson.dumps({"error": message})
-        else:
-            body = orjson.dumps({"error": {"code": CONNECTION_CAP_CODE, "message": message}})
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(retry_after_s).encode()),
-            (b"connection", b"close"),
-        ]})
+        content, status = _error_content(scope.get("path", ""), refusal.status_code, refusal.code, refusal.message)
+        body = orjson.dumps(content)
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return answer

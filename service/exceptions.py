@@ -124,6 +124,19 @@ class NotReady(Unavailable):
     code = "not_ready"
 
 
+class TooManyConnections(Unavailable):
+    """503 with Retry-After and ``Connection: close``: the server holds as many connections as
+    ``--max-connections`` allows (answered by uvicorn before the app runs, see
+    ``service.errors.install_connection_cap_answer``)."""
+
+    code = "too_many_connections"
+
+    def __init__(self, *, retry_after_s: int) -> None:
+        super().__init__("the server holds as many connections as it serves (--max-connections); "
+                         "retry after the delay", retry_after_s=retry_after_s)
+        self.headers["Connection"] = "close"
+
+
 class ModelNotFound(ServiceError):
     """404: a KServe v2 request names a model (or model version) this server does not serve."""
 
